@@ -1,0 +1,1 @@
+"""The HiDream-I1 engine: usable and testable without ComfyUI."""

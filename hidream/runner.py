@@ -1,0 +1,182 @@
+"""The engine's own HiDream transformer forward, at the exact requested size.
+
+diffusers' ``HiDreamImageTransformer2DModel.forward`` pads every non-square latent to
+``max_seq`` (4096) tokens with a key mask, so 1024x768 costs as much as 1024x1024 and
+1024x1536 does not fit at all; and none of diffusers' cache hooks attach to HiDream's
+block lists. This module owns the forward *order* and calls diffusers' own modules
+(embedders, blocks, final layer) for everything else, so it cannot drift from diffusers'
+numerics: on square inputs the output equals diffusers' forward (tested, fp32 <= 1e-5).
+
+Forward order (diffusers names)::
+
+    temb  = t_embedder(t) + p_embedder(pooled)
+    text  = caption_projection[i](llama[llama_layers[i]]), caption_projection[-1](t5)
+    txt0  = cat(t5_proj, llama_proj[-1])                       # the "initial" text stream
+    double block i: (img, txt) = block(img, cat(txt, llama_i)); txt cut back to len(txt0)
+    single block j: h = block(cat(img, txt, llama_{D+j}));      cut back to img + txt
+    out = unpatchify(final_layer(img, temb))    # the pipeline negates it afterwards
+
+Hook points for the caches (``hidream.cache``): ``prepare`` -> ``run_blocks(start, end)`` over
+one flat index of double-then-single blocks -> ``finish``. A cache policy receives the
+runner and the prepared context and decides which block ranges to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """Everything the blocks need for one forward call; built once by ``prepare``.
+
+    ``img`` and ``txt`` are the streams *entering* the blocks (after the patch embedder and
+    caption projections); ``temb`` is the timestep+pooled embedding that TeaCache watches.
+    """
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    temb: torch.Tensor
+    llama: list[torch.Tensor]
+    rope: torch.Tensor
+    grid: tuple[int, int]
+    batch: int
+
+
+CachePolicy = Callable[["TransformerRunner", ForwardContext], torch.Tensor]
+
+
+def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C] in diffusers' token layout, any aspect ratio."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Inverse of ``patchify``: [B, gh*gw, p*p*C] -> [B, C, gh*p, gw*p]."""
+    b, _, f = tokens.shape
+    gh, gw = grid
+    c = f // (patch * patch)
+    x = tokens.reshape(b, gh, gw, patch, patch, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, gh * patch, gw * patch)
+
+
+def image_ids(grid: tuple[int, int], batch: int, device: torch.device) -> torch.Tensor:
+    """Position ids (0, row, col) per image token, as diffusers builds them for square inputs."""
+    gh, gw = grid
+    ids = torch.zeros(gh, gw, 3, device=device)
+    ids[..., 1] = ids[..., 1] + torch.arange(gh, device=device)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(gw, device=device)[None, :]
+    return ids.reshape(gh * gw, 3).unsqueeze(0).repeat(batch, 1, 1)
+
+
+class TransformerRunner:
+    """Runs a diffusers ``HiDreamImageTransformer2DModel`` block by block.
+
+    The runner holds no per-call state, so one instance can serve any number of calls.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        self.config = transformer.config
+        self.double_blocks = list(transformer.double_stream_blocks)
+        self.single_blocks = list(transformer.single_stream_blocks)
+        self.num_double = len(self.double_blocks)
+        self.num_blocks = self.num_double + len(self.single_blocks)
+
+    def prepare(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        t5: torch.Tensor,
+        llama: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> ForwardContext:
+        """Embed the latents, timestep and text; build the rotary embedding."""
+        tr = self.transformer
+        patch = self.config.patch_size
+        batch = latents.shape[0]
+        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+        img = tr.x_embedder(patchify(latents, patch))
+        temb = tr.t_embedder(timesteps, latents.dtype) + tr.p_embedder(pooled)
+        dim = img.shape[-1]
+        llama_proj = [
+            tr.caption_projection[i](llama[k]).view(batch, -1, dim)
+            for i, k in enumerate(self.config.llama_layers)
+        ]
+        t5_proj = tr.caption_projection[-1](t5).view(batch, -1, dim)
+        txt = torch.cat([t5_proj, llama_proj[-1]], dim=1)
+        ids = image_ids(grid, batch, img.device)
+        txt_ids = torch.zeros(
+            batch, txt.shape[1] + llama_proj[0].shape[1], 3, device=ids.device, dtype=ids.dtype
+        )
+        rope = tr.pe_embedder(torch.cat([ids, txt_ids], dim=1))
+        return ForwardContext(
+            img=img, txt=txt, temb=temb, llama=llama_proj, rope=rope, grid=grid, batch=batch
+        )
+
+    def run_blocks(
+        self, ctx: ForwardContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run flat blocks ``start``..``end``-1 (double blocks first, then single blocks).
+
+        Returns the image and text streams after the range, so a cache can store the
+        residual of any range and replay it later.
+        """
+        n_txt = txt.shape[1]
+        for idx in range(start, min(end, self.num_double)):
+            cur = torch.cat([txt, ctx.llama[idx]], dim=1)
+            img, txt = self.double_blocks[idx](
+                hidden_states=img,
+                hidden_states_masks=None,
+                encoder_hidden_states=cur,
+                temb=ctx.temb,
+                image_rotary_emb=ctx.rope,
+            )
+            txt = txt[:, :n_txt]
+        first_single = max(start, self.num_double)
+        if first_single >= end:
+            return img, txt
+        n_img = img.shape[1]
+        h = torch.cat([img, txt], dim=1)
+        seq = h.shape[1]
+        for idx in range(first_single, end):
+            h = torch.cat([h, ctx.llama[idx]], dim=1)
+            h = self.single_blocks[idx - self.num_double](
+                hidden_states=h,
+                hidden_states_masks=None,
+                encoder_hidden_states=None,
+                temb=ctx.temb,
+                image_rotary_emb=ctx.rope,
+            )[:, :seq]
+        return h[:, :n_img], h[:, n_img:]
+
+    def finish(self, ctx: ForwardContext, img: torch.Tensor) -> torch.Tensor:
+        """Final layer on the image tokens, back to [B, C, H, W] (not negated)."""
+        out = self.transformer.final_layer(img, ctx.temb)
+        return unpatchify(out, ctx.grid, self.config.patch_size)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        t5: torch.Tensor,
+        llama: torch.Tensor,
+        pooled: torch.Tensor,
+        policy: CachePolicy | None = None,
+    ) -> torch.Tensor:
+        """Same result as the diffusers forward (without its padding), optionally cached.
+
+        ``policy(runner, ctx)`` returns the image tokens after all blocks; without one,
+        every block runs.
+        """
+        ctx = self.prepare(latents, timesteps, t5, llama, pooled)
+        if policy is None:
+            img, _ = self.run_blocks(ctx, 0, self.num_blocks, ctx.img, ctx.txt)
+        else:
+            img = policy(self, ctx)
+        return self.finish(ctx, img)

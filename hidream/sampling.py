@@ -1,0 +1,223 @@
+"""The sampling loop: noise -> latents, at exactly the requested size.
+
+One call samples ``batch`` images; image ``i`` starts from the noise of ``seed + i``
+(drawn on the CPU, so the same seed gives the same image on any device) and equals a
+single run with that seed, because images are sampled one after another with their own
+generator (cond and uncond of one image run as one batch of two, as in diffusers).
+
+Patches carried by the model handle are applied only inside this call: LoRA adapters are
+switched per step by sigma (``hidream.lora.LoraSession``) and cache state lives in a
+session created here (``hidream.cache``); both are undone in ``finally`` blocks, so an
+exception or a cancel leaves the shared weights as they were.
+
+The result is in ComfyUI's LATENT convention: raw VAE-space latents (the Flux VAE's
+scaling 0.3611 and shift 0.1159 undone), so ComfyUI's own VAEDecode decodes it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+
+from .devices import on_device
+from .handle import HiDreamModel
+from .progress import Progress
+from .runner import TransformerRunner
+from .text import Conditioning, PromptEmbeds
+
+log = logging.getLogger(__name__)
+
+FLUX_VAE_SCALING = 0.3611
+FLUX_VAE_SHIFT = 0.1159
+SIZE_RANGE = (128, 2048)
+SIZE_STEP = 16
+MAX_STEPS = 1000
+MAX_SEED = 9223372036854775807
+BATCH_RANGE = (1, 20)
+MAX_CFG = 100.0
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """The sampler node's numbers, validated by ``validate_settings``."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 50
+    cfg: float = 5.0
+    seed: int = 0
+    batch: int = 1
+
+
+@dataclass
+class SampleResult:
+    """Raw VAE-space latents [B, 16, H/8, W/8] (fp32, CPU) plus what happened."""
+
+    latents: torch.Tensor
+    seconds: float
+    telemetry: list[str] = field(default_factory=list)
+
+    @property
+    def report(self) -> str:
+        return "\n".join(self.telemetry) if self.telemetry else "no cache: every step computed"
+
+
+def _check_int(field_name: str, value: object, lo: int, hi: int, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field_name}: expected an integer {lo}..{hi}{extra}, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{field_name}: {value} is outside the allowed range {lo}..{hi}{extra}")
+
+
+def validate_settings(s: SampleSettings) -> None:
+    """Every number checked before any model work; errors name the field and the range."""
+    for name in ("width", "height"):
+        value = getattr(s, name)
+        _check_int(name, value, *SIZE_RANGE, extra=f" in steps of {SIZE_STEP}")
+        if value % SIZE_STEP:
+            lower = value // SIZE_STEP * SIZE_STEP
+            raise ValueError(
+                f"{name}: {value} is not a multiple of {SIZE_STEP}; allowed {SIZE_RANGE[0]}..{SIZE_RANGE[1]} "
+                f"in steps of {SIZE_STEP} (nearest: {max(lower, SIZE_RANGE[0])} or {lower + SIZE_STEP})"
+            )
+    _check_int("steps", s.steps, 1, MAX_STEPS)
+    if isinstance(s.cfg, bool) or not isinstance(s.cfg, int | float):
+        raise TypeError(f"cfg: expected a number 0..{MAX_CFG}, got {s.cfg!r}")
+    if not 0.0 <= float(s.cfg) <= MAX_CFG:
+        raise ValueError(f"cfg: {s.cfg} is outside 0..{MAX_CFG} (<= 1 disables the negative prompt)")
+    _check_int("seed", s.seed, 0, MAX_SEED)
+    _check_int("batch", s.batch, *BATCH_RANGE)
+
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _embeds_for(cond: Conditioning, use_cfg: bool, device: torch.device, dtype: torch.dtype):
+    """Stack [negative, positive] like the pipeline does when CFG is on."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    pos: PromptEmbeds = cond.positive
+    if not use_cfg:
+        return cast(pos.t5), cast(pos.llama), cast(pos.pooled)
+    neg: PromptEmbeds = cond.negative
+    return (
+        cast(torch.cat([neg.t5, pos.t5], dim=0)),
+        cast(torch.cat([neg.llama, pos.llama], dim=1)),
+        cast(torch.cat([neg.pooled, pos.pooled], dim=0)),
+    )
+
+
+def _make_model_fn(
+    runner: TransformerRunner, model: HiDreamModel, cond: Conditioning, cfg: float, cache
+) -> ModelFn:
+    """The velocity the samplers integrate: negated transformer output, CFG applied."""
+    use_cfg = cfg > 1.0
+    t5, llama, pooled = _embeds_for(cond, use_cfg, model.device, model.dtype)
+
+    def model_fn(x: torch.Tensor, timestep: torch.Tensor, sigma: float) -> torch.Tensor:
+        inp = torch.cat([x, x]) if use_cfg else x
+        inp = inp.to(device=model.device, dtype=model.dtype)
+        t = timestep.to(model.device).expand(inp.shape[0])
+        policy = cache.policy() if cache is not None else None
+        out = -runner.forward(inp, t, t5, llama, pooled, policy=policy)
+        out = out.to(x.dtype)
+        if not use_cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + cfg * (text - uncond)
+
+    return model_fn
+
+
+def _open_cache(model: HiDreamModel, steps: int):
+    if not model.caches:
+        return None
+    from .cache import open_cache_session
+
+    return open_cache_session(model.caches, variant=model.variant, steps=steps)
+
+
+def _sample_one(
+    runner: TransformerRunner,
+    model: HiDreamModel,
+    cond: Conditioning,
+    scheduler,
+    settings: SampleSettings,
+    index: int,
+    lora,
+    progress: Progress,
+    telemetry: list[str],
+) -> torch.Tensor:
+    """Sample image ``index`` of the batch from the noise of ``seed + index``."""
+    from .schedulers import make_sampler
+
+    gen = torch.Generator("cpu").manual_seed(settings.seed + index)
+    shape = (1, runner.config.in_channels, settings.height // 8, settings.width // 8)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
+    sampler = make_sampler(scheduler, model.variant, settings.steps)
+    cache = _open_cache(model, settings.steps)
+    model_fn = _make_model_fn(runner, model, cond, settings.cfg, cache)
+    done_before = index * settings.steps
+
+    def noise() -> torch.Tensor:
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
+
+    def on_step(i: int, sigma: float) -> None:
+        progress.check_interrupt()
+        if i > 0:
+            progress.update(done_before + i)
+        changed = lora.on_step(float(sigma)) if lora is not None else False
+        if cache is not None:
+            cache.begin_step(i, force_compute=changed)
+
+    x = sampler.sample(model_fn, x, noise, on_step)
+    progress.update(done_before + settings.steps)
+    if cache is not None:
+        line = cache.summary()
+        log.info("image %d: %s", index, line)
+        telemetry.append(f"image {index}: {line}" if settings.batch > 1 else line)
+    return x.float().cpu()
+
+
+def sample_latents(
+    model: HiDreamModel,
+    cond: Conditioning,
+    scheduler,
+    settings: SampleSettings,
+    callback: Callable[[int, int], None] | None = None,
+) -> SampleResult:
+    """Sample ``settings.batch`` images; returns raw VAE-space latents.
+
+    ``scheduler`` is a ``hidream.schedulers.SchedulerSpec``. ``callback(done, total)`` is
+    called after every step (outside ComfyUI; inside, ComfyUI's progress bar moves) and may
+    raise to cancel.
+    """
+    from .schedulers import validate_scheduler_name
+
+    validate_settings(settings)
+    validate_scheduler_name(scheduler.name)
+    runner = TransformerRunner(model.transformer)
+    progress = Progress(total=settings.steps * settings.batch, callback=callback)
+    telemetry: list[str] = []
+    start = time.perf_counter()
+    images = []
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(on_device(model.transformer, model.device, model.offload))
+        lora = None
+        if model.loras:
+            from .lora import LoraSession
+
+            lora = stack.enter_context(LoraSession(model.transformer, model.loras))
+        for index in range(settings.batch):
+            images.append(
+                _sample_one(runner, model, cond, scheduler, settings, index, lora, progress, telemetry)
+            )
+    latents = torch.cat(images) / FLUX_VAE_SCALING + FLUX_VAE_SHIFT
+    return SampleResult(latents=latents, seconds=time.perf_counter() - start, telemetry=telemetry)

@@ -1,0 +1,1 @@
+"""Cache kernels: Triton kernels, their torch references, and one dispatch point."""
