@@ -100,6 +100,8 @@ def run_api_workflow(
 def load_workflow(path: Path) -> dict[str, dict]:
     """Read an API-format workflow JSON (``{node_id: {class_type, inputs}}``)."""
     data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) and "class_type" in v for v in data.values()
+    ):
         raise ValueError(f"{path}: not an API-format workflow (expected {{id: {{class_type, inputs}}}})")
     return data
