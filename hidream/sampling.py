@@ -180,7 +180,7 @@ def _sample_one(
     x = sampler.sample(model_fn, x, noise, on_step)
     progress.update(done_before + settings.steps)
     if cache is not None:
-        line = cache.summary()
+        line = cache.summary(runner.num_blocks)
         log.info("image %d: %s", index, line)
         telemetry.append(f"image {index}: {line}" if settings.batch > 1 else line)
     return x.float().cpu()

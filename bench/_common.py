@@ -1,0 +1,106 @@
+"""Shared pieces of the benchmarks: the pack loader, the benchmark model, timing.
+
+The benchmark model is "transformer-dominated": random weights, 4 double + 8 single
+blocks, 4 heads x 64 (inner 256), MoE 4 experts / 2 active, 128 T5 + 128 Llama tokens
+like the real model; text encoders are skipped (random embeddings), since only the
+transformer's steps are being compared. CPU timings use one thread and the minimum of
+repeats because these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACK_NAME = "hidream_pack"
+
+BENCH_CONFIG = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=4,
+    num_single_layers=8,
+    attention_head_dim=64,
+    num_attention_heads=4,
+    caption_channels=[64, 64],
+    text_emb_dim=64,
+    num_routed_experts=4,
+    num_activated_experts=2,
+    axes_dims_rope=(32, 16, 16),
+    max_resolution=(128, 128),
+    llama_layers=list(range(12)),
+)
+TEXT_TOKENS = 128
+
+
+def load_pack():
+    """Import the pack by path under a fixed name, as ComfyUI and the tests do."""
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACK_NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_NAME]
+
+
+def setup_threads(threads: int = 1) -> None:
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+
+
+def bench_transformer(seed: int = 0):
+    import torch
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return HiDreamImageTransformer2DModel(**BENCH_CONFIG).eval()
+
+
+def random_conditioning(seed: int = 0):
+    """Random T5/Llama/pooled embeddings shaped like the pack's conditioning."""
+    import torch
+
+    load_pack()
+    from hidream_pack.hidream import text  # type: ignore[import-not-found]
+
+    g = torch.Generator().manual_seed(seed)
+    layers = len(BENCH_CONFIG["llama_layers"])
+
+    def embeds():
+        return text.PromptEmbeds(
+            t5=torch.randn(1, TEXT_TOKENS, 64, generator=g),
+            llama=torch.randn(layers, 1, TEXT_TOKENS, 64, generator=g),
+            pooled=torch.randn(1, 64, generator=g),
+        )
+
+    return text.Conditioning(positive=embeds(), negative=embeds())
+
+
+def model_handle(transformer, variant: str = "full"):
+    import torch
+
+    load_pack()
+    from hidream_pack.hidream.handle import HiDreamModel  # type: ignore[import-not-found]
+
+    return HiDreamModel(
+        transformer=transformer, variant=variant, dtype=torch.float32, device=torch.device("cpu")
+    )
+
+
+def min_time(fn: Callable[[], object], repeats: int) -> float:
+    """Minimum wall time of ``repeats`` calls (noise only ever adds time)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
