@@ -1,0 +1,298 @@
+"""Result delivery: upload (HTTP PUT of the raw file) and webhook (HTTP POST of JSON).
+
+Why this module is careful:
+- Upload URLs are usually presigned (``?X-Amz-Signature=...``) and webhook URLs often carry
+  a token in the query, so a query string is a secret. Every URL that reaches a log line,
+  an error or a ``DeliveryResult`` goes through ``redact_url``; exception texts (requests
+  puts the URL in them) go through ``_scrub``; urllib3's own debug log line, which prints
+  the request path with its query, gets a redacting filter the first time we send.
+- A failed delivery must never lose an image: callers save the file first, and nothing
+  here raises for a network problem; failures come back in ``DeliveryResult.errors``.
+- Retries are bounded (``MAX_TRIES``) with exponential backoff, only where trying again can
+  help: connection errors, timeouts, 5xx, 408 and 429. Other 4xx mean the request itself is
+  wrong. Redirects are not followed: a 3xx could forward the image to another host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+
+MAX_TRIES = 3
+BASE_DELAY_S = 1.0  # waits 1 s, then 2 s between tries
+TIMEOUT_S = (10.0, 60.0)  # (connect, read) seconds per try
+URL_MAX_CHARS = 2048
+RETRY_4XX = (408, 429)  # request timeout and rate limit: trying again later can succeed
+_QUERY_RE = re.compile(r"\?[^\s'\"()<>,]+")
+_filter_lock = threading.Lock()
+_filter_installed = False
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """Outcome of one upload or webhook call, safe to log and return (URL redacted)."""
+
+    kind: str
+    url: str
+    ok: bool
+    status: int | None
+    attempts: int
+    errors: tuple[str, ...] = ()
+    image_uuid: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "url": self.url,
+            "ok": self.ok,
+            "status": self.status,
+            "attempts": self.attempts,
+            "errors": list(self.errors),
+            "imageUUID": self.image_uuid,
+        }
+
+
+def redact_url(url: Any) -> str:
+    """``scheme://host[:port]/path`` with any query replaced by ``<redacted>``; no user info, no fragment."""
+    if not isinstance(url, str):
+        return "<not a URL>"
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return "<unparseable URL>"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "<redacted>" if parts.query else "", ""))
+
+
+def url_problem(url: Any) -> str | None:
+    """Why ``url`` cannot be a delivery target, or None when it is a usable http(s) URL."""
+    if not isinstance(url, str):
+        return "not a string"
+    if len(url) > URL_MAX_CHARS:
+        return f"longer than {URL_MAX_CHARS} characters"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return "contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a bad port
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "only http and https are allowed"
+    if not parts.hostname:
+        return "no host name"
+    return None
+
+
+def redact_secrets(obj: Any, urls: Sequence[str | None]) -> Any:
+    """A copy of a JSON-like ``obj`` where every occurrence of each URL is replaced by its redacted form.
+
+    Used on metadata embedded in images (ComfyUI's prompt and workflow hold the widget
+    values, the task JSON holds webhookURL/uploadEndpoint): a signature must not ship inside
+    a picture.
+    """
+    pairs = [(u, redact_url(u)) for u in urls if isinstance(u, str) and u and redact_url(u) != u]
+    if not pairs:
+        return obj
+    if isinstance(obj, str):
+        for url, shown in pairs:
+            obj = obj.replace(url, shown)
+        return obj
+    if isinstance(obj, dict):
+        return {redact_secrets(k, urls): redact_secrets(v, urls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_secrets(v, urls) for v in obj]
+    return obj
+
+
+def _scrub(text: str, url: str) -> str:
+    """Remove every trace of ``url``'s query string from a message."""
+    query = urlsplit(url).query if url_problem(url) is None else ""
+    if query:
+        text = text.replace(url, redact_url(url)).replace(query, "<redacted>")
+    return _QUERY_RE.sub("?<redacted>", text)
+
+
+class _RedactQueryFilter(logging.Filter):
+    """Redacts query strings in urllib3's connection-pool debug lines (they print the request path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _QUERY_RE.sub("?<redacted>", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _QUERY_RE.sub("?<redacted>", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+def _install_log_filter() -> None:
+    global _filter_installed
+    with _filter_lock:
+        if not _filter_installed:
+            logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueryFilter())
+            _filter_installed = True
+
+
+def _send(
+    kind: str,
+    method: str,
+    url: str,
+    body: bytes,
+    content_type: str,
+    tries: int | None,
+    base_delay: float | None,
+    timeout: float | tuple[float, float] | None,
+    image_uuid: str | None,
+) -> DeliveryResult:
+    """None settings take the module defaults at call time (MAX_TRIES, BASE_DELAY_S, TIMEOUT_S)."""
+    tries = MAX_TRIES if tries is None else tries
+    base_delay = BASE_DELAY_S if base_delay is None else base_delay
+    timeout = TIMEOUT_S if timeout is None else timeout
+    shown = redact_url(url)
+    problem = url_problem(url)
+    if problem:
+        error = f"{kind} URL {shown}: {problem}"
+        log.error("%s", error)
+        return DeliveryResult(kind, shown, False, None, 0, (error,), image_uuid)
+    if tries < 1:
+        raise ValueError(f"tries: got {tries}; expected an integer >= 1")
+    import requests
+
+    _install_log_filter()
+    errors: list[str] = []
+    status = None
+    with requests.Session() as session:
+        for attempt in range(1, tries + 1):
+            retry = True
+            try:
+                response = session.request(
+                    method,
+                    url,
+                    data=body,
+                    headers={"Content-Type": content_type},
+                    timeout=timeout,
+                    allow_redirects=False,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                error = _scrub(f"{type(exc).__name__}: {exc}", url)
+            except requests.RequestException as exc:
+                error, retry = _scrub(f"{type(exc).__name__}: {exc}", url), False
+            else:
+                status = response.status_code
+                response.close()
+                if 200 <= status < 300:
+                    log.info("%s %s: HTTP %d after %d attempt(s)", kind, shown, status, attempt)
+                    return DeliveryResult(kind, shown, True, status, attempt, tuple(errors), image_uuid)
+                error = f"HTTP {status} {_scrub(response.reason or '', url)}".rstrip()
+                if 300 <= status < 400:
+                    error += " (redirects are not followed)"
+                retry = status >= 500 or status in RETRY_4XX
+            errors.append(f"attempt {attempt}/{tries}: {error}")
+            log.warning("%s %s failed, attempt %d/%d: %s", kind, shown, attempt, tries, error)
+            if not retry or attempt == tries:
+                break
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    log.error("%s %s gave up after %d attempt(s)", kind, shown, len(errors))
+    return DeliveryResult(kind, shown, False, status, len(errors), tuple(errors), image_uuid)
+
+
+def upload(
+    url: str,
+    data: bytes,
+    content_type: str,
+    *,
+    tries: int | None = None,
+    base_delay: float | None = None,
+    timeout: float | tuple[float, float] | None = None,
+    image_uuid: str | None = None,
+) -> DeliveryResult:
+    """HTTP PUT of the raw file bytes (the body is the file, as presigned S3/GCS URLs expect)."""
+    return _send("upload", "PUT", url, data, content_type, tries, base_delay, timeout, image_uuid)
+
+
+def post_webhook(
+    url: str,
+    payload: dict,
+    *,
+    tries: int | None = None,
+    base_delay: float | None = None,
+    timeout: float | tuple[float, float] | None = None,
+) -> DeliveryResult:
+    """HTTP POST of ``payload`` as JSON (one call per image, like Runware's webhooks)."""
+    body = json.dumps(payload).encode("utf-8")
+    image_uuid = payload.get("imageUUID") if isinstance(payload, dict) else None
+    return _send("webhook", "POST", url, body, "application/json", tries, base_delay, timeout, image_uuid)
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    """One saved image ready to deliver: its encoded bytes and its response object."""
+
+    data: bytes
+    content_type: str
+    response: dict
+
+
+def deliver_all(
+    items: Sequence[Deliverable],
+    upload_endpoint: str | None = None,
+    webhook_url: str | None = None,
+    **retry: Any,
+) -> list[DeliveryResult]:
+    """Per image: the upload first (so the file is there when the webhook arrives), then the webhook."""
+    results = []
+    for item in items:
+        image_uuid = item.response.get("imageUUID")
+        if upload_endpoint:
+            results.append(
+                upload(upload_endpoint, item.data, item.content_type, image_uuid=image_uuid, **retry)
+            )
+        if webhook_url:
+            results.append(post_webhook(webhook_url, item.response, **retry))
+    return results
+
+
+@dataclass
+class AsyncDelivery:
+    """Handle on background delivery: ``ack`` at once, ``wait()`` for the results."""
+
+    ack: list[dict]
+    thread: threading.Thread
+    results: list[DeliveryResult] = field(default_factory=list)
+    error: str | None = None
+
+    def wait(self, timeout: float | None = None) -> list[DeliveryResult] | None:
+        """The results, or None if still running after ``timeout`` seconds."""
+        self.thread.join(timeout)
+        return None if self.thread.is_alive() else self.results
+
+
+def deliver_async(task_type: str, task_uuid: str, work: Callable[[], list[DeliveryResult]]) -> AsyncDelivery:
+    """Run ``work`` (delivery, or generation plus delivery) in a thread; return the acknowledgement now.
+
+    The thread is not a daemon, so a command-line run waits for its deliveries before exiting.
+    """
+    ack = [{"taskType": task_type, "taskUUID": task_uuid}]
+    handle: AsyncDelivery
+
+    def run() -> None:
+        try:
+            handle.results.extend(work())
+        except Exception as exc:  # noqa: BLE001 - a background failure must be recorded, not lost
+            handle.error = f"{type(exc).__name__}: {_QUERY_RE.sub('?<redacted>', str(exc))}"
+            log.error("async delivery for task %s failed: %s", task_uuid, handle.error)
+
+    thread = threading.Thread(target=run, name=f"hidream-delivery-{task_uuid[:8]}")
+    handle = AsyncDelivery(ack=ack, thread=thread)
+    thread.start()
+    return handle
