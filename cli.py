@@ -23,24 +23,24 @@ def _tiny_models(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     written = write_tiny_models(Path(args.dir), variant=args.variant)
     print(f"wrote tiny {args.variant} models to {args.dir} in {time.perf_counter() - start:.1f} s")
-    for kind, names in written.items():
-        print(f"  {kind}: {names}")
+    for kind, path in written.items():
+        print(f"  {kind}: {path}")
     return 0
 
 
-def demo_overrides(models_dir: Path) -> dict[str, dict[str, object]]:
-    """Widget values swapped in for the demo: tiny files, a small size, few steps."""
-    from .hidream.tiny import TINY_FILES
-
+def demo_overrides(files: dict[str, Path]) -> dict[str, dict[str, object]]:
+    """Widget values swapped in for the demo: tiny files, fp32 on this device, small and fast."""
+    common = {"dtype": "fp32", "weights": "gpu"}
     return {
-        "HiDreamI1ModelLoader": {"model_name": TINY_FILES["transformer"]},
+        "HiDreamI1ModelLoader": {"model_name": files["transformer_bf16"].name, **common},
         "HiDreamI1TextEncodersLoader": {
-            "clip_l_name": TINY_FILES["clip_l"],
-            "clip_g_name": TINY_FILES["clip_g"],
-            "t5_name": TINY_FILES["t5"],
-            "llama_name": TINY_FILES["llama"],
+            "clip_l": files["clip_l"].name,
+            "clip_g": files["clip_g"].name,
+            "t5": files["t5"].name,
+            "llama": files["llama"].name,
+            **common,
         },
-        "HiDreamI1VAELoader": {"vae_name": TINY_FILES["vae"]},
+        "HiDreamI1VAELoader": {"vae_name": files["vae"].name, **common},
         "HiDreamI1Sampler": {"width": 256, "height": 256, "steps": 8},
     }
 
@@ -56,16 +56,15 @@ def apply_overrides(graph: dict, overrides: dict[str, dict[str, object]]) -> dic
 
 def _demo(args: argparse.Namespace) -> int:
     from .hidream import paths
-    from .hidream.tiny import write_tiny_models
+    from .hidream.tiny import ensure_tiny_models
     from .nodes._executor import load_workflow, run_api_workflow
 
     out = Path(args.output_dir)
     models_dir = Path(args.models_dir) if args.models_dir else out / "tiny_models"
-    if not (models_dir / "diffusion_models").is_dir():
-        print(f"building tiny random-weight models in {models_dir} ...")
-        write_tiny_models(models_dir)
+    print(f"tiny random-weight models in {models_dir} (built if missing) ...")
+    files = ensure_tiny_models(models_dir)
     paths.set_models_dir(models_dir)
-    graph = apply_overrides(load_workflow(DEMO_WORKFLOW), demo_overrides(models_dir))
+    graph = apply_overrides(load_workflow(DEMO_WORKFLOW), demo_overrides(files))
     start = time.perf_counter()
     results = run_api_workflow(graph, out, on_node=lambda i, t: print(f"  node {i}: {t}"))
     saved = [p for r in results.values() if isinstance(r, dict) for p in r.get("ui", {}).get("images", [])]

@@ -35,11 +35,20 @@ def diffusers_pipeline(transformer, width: int, height: int):
         tokenizer_4=None,
         transformer=transformer,
     )
-    # The pipeline rescales every request to default_sample_size**2 * 64 pixels; pick the
-    # sample size that maps this request onto itself.
-    pipe.default_sample_size = round(math.sqrt(width * height) / 8)
+    pipe.default_sample_size = exact_sample_size(width, height)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def exact_sample_size(width: int, height: int) -> int:
+    """The pipeline rescales every request to ``(default_sample_size * 8) ** 2`` pixels and
+    rounds down to multiples of 16; find a sample size that maps this request onto itself."""
+    guess = round(math.sqrt(width * height) / 8)
+    for size in range(max(guess - 4, 1), guess + 8):
+        scale = math.sqrt((size * 8) ** 2 / (width * height))
+        if (int(width * scale // 16 * 16), int(height * scale // 16 * 16)) == (width, height):
+            return size
+    raise SystemExit(f"no default_sample_size makes diffusers' pipeline produce {width}x{height}")
 
 
 def run_diffusers(pipe, cond, width: int, height: int, steps: int, seed: int):

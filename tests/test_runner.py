@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
-
 from hidream_pack.hidream.runner import TransformerRunner, patchify, unpatchify
 
 TINY = dict(

@@ -1,0 +1,251 @@
+"""Writes the shipped workflows from one graph description (run after changing a node's inputs).
+
+    python workflows/build.py          # rewrite workflows/*.json and example_workflows/*.json
+    python workflows/build.py --check  # exit 1 if any shipped file differs (the tests do this)
+
+For each workflow it writes the API format (``*_api.json``, for ``comfy run --workflow``)
+and the UI format (``*.json``, drag into ComfyUI), the latter also into
+``example_workflows/`` where ComfyUI lists a pack's templates. UI widget values are laid
+out from each node's INPUT_TYPES, so they cannot drift from the node definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+EXAMPLES = ROOT / "example_workflows"
+CORE_OUTPUTS: dict[str, list[str]] = {"SaveImage": []}
+CORE_INPUTS: dict[str, dict] = {
+    "SaveImage": {
+        "required": {
+            "images": ("IMAGE", {}),
+            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+        }
+    }
+}
+
+# The Comfy-Org file names users download for HiDream-I1 Full.
+REAL_FILES = {
+    "model_name": "hidream_i1_full_fp8.safetensors",
+    "clip_l": "clip_l_hidream.safetensors",
+    "clip_g": "clip_g_hidream.safetensors",
+    "t5": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+    "llama": "llama_3.1_8b_instruct_fp8_scaled.safetensors",
+    "vae_name": "ae.safetensors",
+}
+
+
+def load_pack():
+    if "hidream_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "hidream_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hidream_pack"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["hidream_pack"]
+
+
+def t2i_graph(
+    prompt: str, negative: str, width: int, height: int, steps: int, cfg: float, seed: int, prefix: str
+) -> dict:
+    """The text-to-image graph in API format (links are [node_id, output_index])."""
+    return {
+        "1": {
+            "class_type": "HiDreamI1ModelLoader",
+            "inputs": {
+                "model_name": REAL_FILES["model_name"],
+                "variant": "auto",
+                "dtype": "bf16",
+                "weights": "offload",
+            },
+        },
+        "2": {
+            "class_type": "HiDreamI1TextEncodersLoader",
+            "inputs": {
+                "clip_l": REAL_FILES["clip_l"],
+                "clip_g": REAL_FILES["clip_g"],
+                "t5": REAL_FILES["t5"],
+                "llama": REAL_FILES["llama"],
+                "dtype": "bf16",
+                "weights": "offload",
+            },
+        },
+        "3": {
+            "class_type": "HiDreamI1VAELoader",
+            "inputs": {"vae_name": REAL_FILES["vae_name"], "dtype": "bf16", "weights": "offload"},
+        },
+        "4": {
+            "class_type": "HiDreamI1TextEncode",
+            "inputs": {
+                "text_encoders": ["2", 0],
+                "positive": prompt,
+                "negative": negative,
+                "max_sequence_length": 128,
+            },
+        },
+        "5": {"class_type": "HiDreamI1Scheduler", "inputs": {"scheduler": "Default", "shift": 0.0}},
+        "6": {
+            "class_type": "HiDreamI1Sampler",
+            "inputs": {
+                "model": ["1", 0],
+                "conditioning": ["4", 0],
+                "scheduler": ["5", 0],
+                "width": width,
+                "height": height,
+                "steps": steps,
+                "cfg": cfg,
+                "seed": seed,
+                "batch": 1,
+            },
+        },
+        "7": {"class_type": "HiDreamI1Decode", "inputs": {"latent": ["6", 0], "vae": ["3", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
+    }
+
+
+def _node_types(class_type: str) -> tuple[dict, list[str], list[str]]:
+    """(INPUT_TYPES, RETURN_TYPES, RETURN_NAMES) of a pack or core node."""
+    pack = load_pack()
+    if class_type in CORE_INPUTS:
+        return CORE_INPUTS[class_type], CORE_OUTPUTS[class_type], CORE_OUTPUTS[class_type]
+    cls = pack.NODE_CLASS_MAPPINGS[class_type]
+    names = list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))
+    return cls.INPUT_TYPES(), list(cls.RETURN_TYPES), names
+
+
+def is_widget(spec: tuple) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list | tuple) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def to_ui(graph: dict) -> dict:
+    """Lay an API graph out as a UI-format workflow (nodes, links, widget values)."""
+    links: list[list] = []
+    nodes = []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for node in graph.values():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                out_links.setdefault((value[0], value[1]), [])
+    for index, (node_id, node) in enumerate(graph.items()):
+        input_types, return_types, return_names = _node_types(node["class_type"])
+        ui_inputs, widgets = [], []
+        specs = {**input_types.get("required", {}), **input_types.get("optional", {})}
+        for name, spec in specs.items():
+            value = node["inputs"].get(name, spec[1].get("default") if len(spec) > 1 else None)
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                src_types = _node_types(graph[value[0]]["class_type"])[1]
+                links.append(
+                    [link_id, int(value[0]), value[1], int(node_id), len(ui_inputs), src_types[value[1]]]
+                )
+                out_links[(value[0], value[1])].append(link_id)
+                ui_inputs.append({"name": name, "type": spec[0], "link": link_id})
+            elif is_widget(spec):
+                widgets.append(value)
+                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                    widgets.append("fixed")
+        nodes.append(
+            {
+                "id": int(node_id),
+                "type": node["class_type"],
+                "pos": [40 + 360 * (index % 4), 60 + 420 * (index // 4)],
+                "size": [320, 200],
+                "flags": {},
+                "order": index,
+                "mode": 0,
+                "inputs": ui_inputs,
+                "outputs": [
+                    {
+                        "name": name,
+                        "type": rtype,
+                        "links": out_links.get((node_id, slot), []),
+                        "slot_index": slot,
+                    }
+                    for slot, (name, rtype) in enumerate(zip(return_names, return_types, strict=True))
+                ],
+                "properties": {"Node name for S&R": node["class_type"]},
+                "widgets_values": widgets,
+            }
+        )
+    return {
+        "last_node_id": max(int(k) for k in graph),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
+
+
+def all_workflows() -> dict[str, dict]:
+    """name -> API graph: the basic example plus one per spec example task."""
+    flows = {
+        "hidream_i1_full_t2i": t2i_graph(
+            "A red fox reading a newspaper in a sunlit Paris cafe, photorealistic",
+            "blurry, low quality",
+            1024,
+            1024,
+            50,
+            5.0,
+            42,
+            "hidream_i1_full",
+        )
+    }
+    for task_file in sorted((WORKFLOWS / "tasks").glob("*.json")):
+        task = json.loads(task_file.read_text())
+        task = task[0] if isinstance(task, list) else task
+        flows[f"task_{task_file.stem}"] = t2i_graph(
+            task["positivePrompt"],
+            task.get("negativePrompt", ""),
+            task.get("width", 1024),
+            task.get("height", 1024),
+            task.get("steps", 30),
+            task.get("CFGScale", 5.0),
+            task.get("seed", 0),
+            f"hidream_{task_file.stem}",
+        )
+    return flows
+
+
+def rendered() -> dict[Path, str]:
+    files = {}
+    for name, graph in all_workflows().items():
+        files[WORKFLOWS / f"{name}_api.json"] = json.dumps(graph, indent=2) + "\n"
+        ui = json.dumps(to_ui(graph), indent=2) + "\n"
+        files[WORKFLOWS / f"{name}.json"] = ui
+        files[EXAMPLES / f"{name}.json"] = ui
+    return files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    stale = []
+    for path, text in rendered().items():
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print("stale workflow files (run python workflows/build.py):", *stale, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
