@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..hidream import loading, paths
 
-DTYPE_CHOICES = tuple(loading.DTYPES)
-WEIGHTS_CHOICES = ("gpu", "offload")
+DTYPE_CHOICES = list(loading.DTYPES)
+WEIGHTS_CHOICES = ["gpu", "offload"]
 FROM_FOLDER = "(from folder)"
 
 _DTYPE_TIP = (
@@ -68,7 +68,7 @@ class HiDreamI1ModelLoader:
                     "A HiDream-I1 .safetensors file in models/diffusion_models.",
                     "hidream",
                 ),
-                "variant": (loading.VARIANT_CHOICES, {"default": "auto", "tooltip": _VARIANT_TIP}),
+                "variant": (list(loading.VARIANT_CHOICES), {"default": "auto", "tooltip": _VARIANT_TIP}),
                 **_common(),
             }
         }
@@ -169,7 +169,7 @@ class HiDreamI1DiffusersLoader:
                     paths.list_models("diffusers"),
                     {"tooltip": "A folder with model_index.json in models/diffusers."},
                 ),
-                "variant": (loading.VARIANT_CHOICES, {"default": "auto", "tooltip": _VARIANT_TIP}),
+                "variant": (list(loading.VARIANT_CHOICES), {"default": "auto", "tooltip": _VARIANT_TIP}),
                 "llama": (
                     [FROM_FOLDER, *paths.list_models("text_encoders")],
                     {

@@ -1,0 +1,174 @@
+"""Every shipped workflow is consistent with the node definitions, and the API one runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import hidream_pack
+import numpy as np
+import pytest
+import torch
+from hidream_pack import cli
+from hidream_pack.hidream import paths, tiny
+from hidream_pack.hidream.handle import HiDreamModel, TextEncoders, VaeHandle
+from hidream_pack.hidream.schedulers import SchedulerSpec
+from hidream_pack.hidream.text import Conditioning
+from hidream_pack.nodes._executor import CORE_NODES, load_workflow, run_api_workflow
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+API_FILES = sorted((ROOT / "workflows").glob("*_api.json"))
+UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+MAPPINGS = hidream_pack.NODE_CLASS_MAPPINGS
+# What each ComfyUI type must be at run time.
+RUNTIME_TYPES = {
+    "HIDREAM_MODEL": HiDreamModel,
+    "HIDREAM_TEXT": TextEncoders,
+    "HIDREAM_VAE": VaeHandle,
+    "HIDREAM_COND": Conditioning,
+    "HIDREAM_SCHEDULER": SchedulerSpec,
+    "LATENT": dict,
+    "IMAGE": torch.Tensor,
+    "STRING": str,
+}
+
+
+def _input_specs(class_type: str) -> dict[str, tuple]:
+    if class_type in CORE_NODES:
+        return {name: (kind,) for name, kind in CORE_NODES[class_type]["inputs"].items()}
+    types = MAPPINGS[class_type].INPUT_TYPES()
+    return {**types["required"], **types.get("optional", {})}
+
+
+def _output_types(class_type: str) -> list[str]:
+    if class_type in CORE_NODES:
+        return CORE_NODES[class_type]["outputs"]
+    return list(MAPPINGS[class_type].RETURN_TYPES)
+
+
+def test_workflow_files_exist_for_the_example_and_the_four_spec_tasks():
+    names = {p.name for p in API_FILES}
+    assert "hidream_i1_full_t2i_api.json" in names
+    assert {
+        f"task_{t}_api.json" for t in ("cathedral", "orchard", "glasswright_caravan", "monorail")
+    } <= names
+    assert len(UI_FILES) == len(API_FILES)
+    for ui in UI_FILES:
+        assert (ROOT / "example_workflows" / ui.name).read_text() == ui.read_text()
+
+
+def test_shipped_workflows_are_what_build_py_generates():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "workflows" / "build.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
+def test_api_workflow_nodes_inputs_and_links_match(path):
+    graph = load_workflow(path)
+    for node_id, node in graph.items():
+        class_type = node["class_type"]
+        assert class_type in MAPPINGS or class_type in CORE_NODES, class_type
+        specs = _input_specs(class_type)
+        required = (
+            set(MAPPINGS[class_type].INPUT_TYPES()["required"]) if class_type in MAPPINGS else set(specs)
+        )
+        assert required <= set(node["inputs"]) <= set(specs), (node_id, set(node["inputs"]) ^ set(specs))
+        for name, value in node["inputs"].items():
+            kind = specs[name][0]
+            if isinstance(value, list):
+                source = graph[str(value[0])]
+                assert _output_types(source["class_type"])[value[1]] == kind, (node_id, name)
+            elif (
+                isinstance(kind, list)
+                and kind
+                and name not in ("model_name", "clip_l", "clip_g", "t5", "llama", "vae_name")
+            ):
+                assert value in kind, (node_id, name, value)
+            else:
+                assert not (
+                    isinstance(kind, str)
+                    and kind.isupper()
+                    and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN")
+                ), f"{node_id}.{name} needs a link of type {kind}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_workflow_links_match_both_ends(path):
+    data = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in data["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, kind in data["links"]:
+        src_node, dst_node = nodes[src], nodes[dst]
+        assert _output_types(src_node["type"])[src_slot] == kind
+        assert (
+            src_node["outputs"][src_slot]["type"] == kind
+            and link_id in src_node["outputs"][src_slot]["links"]
+        )
+        assert (
+            dst_node["inputs"][dst_slot]["type"] == kind and dst_node["inputs"][dst_slot]["link"] == link_id
+        )
+    for node in data["nodes"]:
+        assert node["type"] in MAPPINGS or node["type"] in CORE_NODES
+        specs = _input_specs(node["type"])
+        linked = {i["name"] for i in node["inputs"]}
+        widgets = [n for n, s in specs.items() if n not in linked]
+        controls = sum(1 for n in widgets if len(specs[n]) > 1 and specs[n][1].get("control_after_generate"))
+        assert len(node["widgets_values"]) == len(widgets) + controls, node["type"]
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+def test_api_workflow_runs_through_the_node_classes_at_the_exact_size(tiny_paths, tmp_path):
+    graph = load_workflow(ROOT / "workflows" / "hidream_i1_full_t2i_api.json")
+    overrides = cli.demo_overrides(tiny_paths)
+    overrides["HiDreamI1Sampler"] = {"width": 208, "height": 144, "steps": 2}
+    graph = cli.apply_overrides(graph, overrides)
+    paths.set_models_dir(tiny_paths["models_dir"])
+    try:
+        results = run_api_workflow(graph, tmp_path)
+    finally:
+        paths.set_models_dir(None)
+    for node_id, node in graph.items():
+        declared = _output_types(node["class_type"])
+        returned = results[node_id]
+        returned = returned["result"] if isinstance(returned, dict) else returned
+        assert len(returned) == len(declared), node["class_type"]
+        for value, kind in zip(returned, declared, strict=True):
+            assert isinstance(value, RUNTIME_TYPES[kind]), (node["class_type"], kind)
+    image = results["7"][0]
+    assert image.shape == (1, 144, 208, 3)
+    saved = results["8"]["ui"]["images"]
+    assert len(saved) == 1
+    with Image.open(saved[0]) as png:
+        assert png.size == (208, 144)
+        assert np.array_equal(np.asarray(png), np.clip(image[0].numpy() * 255 + 0.5, 0, 255).astype(np.uint8))
+
+
+def test_cli_tiny_models_and_demo(tmp_path):
+    """The README's "does it work on my machine" commands, run as a user would."""
+    models = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, str(ROOT), "tiny-models", str(models)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (models / "vae" / "ae.safetensors").is_file()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT), "demo", "--output-dir", str(out), "--models-dir", str(models)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "random weights" in done.stdout
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) == 1
+    with Image.open(pngs[0]) as png:
+        assert png.size == (256, 256)
