@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models-dir", default=None)
     run.add_argument("--output-dir", default="output")
     run.add_argument("--price-per-hour", type=float, default=0.0, help="for includeCost; default 0")
+    run.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     run.set_defaults(func=_run)
     return parser
 

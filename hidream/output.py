@@ -416,6 +416,7 @@ def publish(
     prefix: str = "HiDream",
     task_type: str = "imageInference",
     retry: dict | None = None,
+    extra: list[dict] | None = None,
 ) -> Published:
     """Save every image FIRST, then describe and deliver it; a failed delivery never loses a file.
 
@@ -426,7 +427,7 @@ def publish(
 
     options.validate()
     arrays = to_uint8_images(images)
-    for name, values in (("seeds", seeds), ("costs", costs)):
+    for name, values in (("seeds", seeds), ("costs", costs), ("extra", extra)):
         if values is not None and len(values) != len(arrays):
             raise ValueError(
                 f"{name}: got {len(values)} value(s) for {len(arrays)} image(s); expected one per image"
@@ -456,6 +457,8 @@ def publish(
             base_url=base_url,
             cost=None if costs is None else costs[i],
         )
+        if extra is not None:
+            response.update(extra[i])  # e.g. NSFWContent from the safety check
         saved.append(item)
         responses.append(response)
         items.append(delivery.Deliverable(item.data, item.content_type, response))

@@ -31,3 +31,9 @@ def _load_pack() -> None:
 
 
 _load_pack()
+
+# Tiny models: thread start-up costs more than it saves, and one thread keeps CPU results
+# independent of the machine's core count.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
