@@ -77,10 +77,10 @@ def prepare(
         open_cache_session(configs, variant=model.variant, steps=task.steps)  # validates against steps
         for config in configs:
             model = model.with_cache(config)
-    if task.safety.check_content:
-        from .safety import require_detector
+    if task.safety.check_content and task.safety.mode != "none":
+        from .safety import load_detector
 
-        require_detector()
+        load_detector()  # a missing detector is an error that says how to install it, never a pass
     validate_scheduler_name(task.scheduler)
     settings = SampleSettings(
         width=task.width,
@@ -109,10 +109,10 @@ def generate(prep: PreparedTask, models: TaskModels, callback=None) -> tuple[Any
 def _check_safety(task: Task, images: Any, mask: str) -> tuple[Any, list, list[dict] | None]:
     if not task.safety.check_content:
         return images, [], None
-    from .safety import check_images, mask_images, response_fields
+    from .safety import check_and_mask, response_fields
 
-    results = check_images(images, mode=task.safety.mode)
-    return mask_images(images, results, mask), results, [response_fields(r) for r in results]
+    images, results = check_and_mask(images, task.safety.mode, mask)
+    return images, results, [response_fields(r) for r in results]
 
 
 def _costs(task: Task, seconds: float, price_per_hour: float) -> list[float] | None:

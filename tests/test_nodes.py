@@ -46,6 +46,8 @@ def test_the_pack_registers_its_nodes():
         "HiDreamI1DBCache",
         "HiDreamI1RunwareTask",
         "HiDreamI1SaveImage",
+        "HiDreamI1RunRunwareTask",
+        "HiDreamI1SafetyCheck",
     }
     assert expected <= set(MAPPINGS)
     assert set(hidream_pack.NODE_DISPLAY_NAME_MAPPINGS) == set(MAPPINGS)
