@@ -215,6 +215,10 @@ def sample_latents(
             from .lora import LoraSession
 
             lora = stack.enter_context(LoraSession(model.transformer, model.loras))
+        else:
+            from .lora import release_unused
+
+            release_unused(model.transformer)  # adapters of deleted LoRA nodes cost time even idle
         for index in range(settings.batch):
             images.append(
                 _sample_one(runner, model, cond, scheduler, settings, index, lora, progress, telemetry)

@@ -1,0 +1,535 @@
+"""LoRA with stage targeting: each LoRA acts on the high-noise steps, the low-noise steps or both.
+
+HiDream-I1 has one transformer, so a "stage" is a range of steps: a LoRA with stage ``high`` is
+active while the current sigma is at or above its ``boundary``, ``low`` while it is below, and
+``both`` always. The default boundary 0.875 is the split Wan 2.2 uses between its high-noise and
+low-noise experts; with the Full default schedule (UniPC flow sigmas, shift 3.0, 30 steps) it
+gives the high stage the first 10 steps, where layout and composition form, and the low stage
+the other 20 (flow-match Euler at shift 3.0: 9 and 21). ``stage_steps`` computes this for any
+sigma list.
+
+How it is applied (``LoraSession``, one per sampling call):
+
+- Each LoRA file is loaded once per transformer as one PEFT adapter (diffusers'
+  ``load_lora_adapter``), keyed by path + mtime + size, however many specs or graph branches use
+  it; a changed file is reloaded. A file used by several specs gets, at each step, the sum of the
+  weights of the specs active at that sigma (LoRA is linear in its weight), so the same file may
+  sit in both stages with different weights.
+- Per step, ``on_step(sigma)`` sets which adapters are live and their scales (PEFT
+  ``enable_adapters`` / ``set_adapter`` / ``set_scale``; nothing is copied, and nothing at all
+  happens on a step whose active set equals the previous one). A step with no LoRA active runs
+  the plain base layers (PEFT's disabled path), bit-identical to a model that never saw a LoRA.
+- ``merge_at_boundary`` specs instead get merged, only when the active set changes, into NEW
+  tensors that temporarily replace the weights they patch (``W + weight * alpha/rank * B @ A``);
+  steps then run at plain-model speed for one extra copy of those weights. The original
+  Parameter objects are put back by reference at the next change and at the end.
+- Base weights are never written in either mode, so a session that ends normally, by an
+  exception or by a cancel leaves them bit-identical with no adapter active.
+- Release: every ``LoraSpec`` counts itself live per path until it is garbage-collected. At the
+  start and end of each session (and on ``release_unused``) adapters whose path no live spec
+  names are deleted, and when none remain the PEFT wrappers are removed. Deletion never runs from
+  a GC callback, which could fire mid-forward on another thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import warnings
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import lora_formats
+
+log = logging.getLogger(__name__)
+
+STAGES = ("both", "high", "low")
+DEFAULT_STAGE = "both"
+DEFAULT_BOUNDARY = 0.875
+WEIGHT_RANGE = (-4.0, 4.0)
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate_lora(name: object, weight: object, stage: object, boundary: object) -> None:
+    """Check one LoRA's inputs before any model work; errors name the input, the value and the range."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"lora_name: expected a LoRA file name from models/loras, got {name!r}")
+    if name.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(
+            f"lora_name: {name!r} is not a .safetensors file; only .safetensors LoRAs are loaded "
+            "(.ckpt/.pt/.bin files are pickles that can run code when opened)"
+        )
+    lo, hi = WEIGHT_RANGE
+    if not _is_number(weight):
+        raise TypeError(f"weight: expected a number from {lo:g} to {hi:g}, got {weight!r}")
+    if not (math.isfinite(weight) and lo <= weight <= hi):
+        raise ValueError(
+            f"weight: {weight!r} is outside {lo:g}..{hi:g} (0 = no effect, negative = steer away)"
+        )
+    if stage not in STAGES:
+        raise ValueError(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
+    if not _is_number(boundary):
+        raise TypeError(f"boundary: expected a sigma strictly between 0 and 1, got {boundary!r}")
+    if not (math.isfinite(boundary) and 0.0 < boundary < 1.0):
+        raise ValueError(f"boundary: {boundary!r} is outside (0, 1); high = sigma >= boundary, low = below")
+
+
+def stage_includes(stage: str, sigma: float, boundary: float) -> bool:
+    """Whether a LoRA of ``stage`` acts at ``sigma`` (high: sigma >= boundary, low: below, both: always)."""
+    if stage == "high":
+        return sigma >= boundary
+    if stage == "low":
+        return sigma < boundary
+    return True
+
+
+def stage_steps(sigmas: Sequence[float], stage: str, boundary: float = DEFAULT_BOUNDARY) -> list[int]:
+    """Indices of the steps (by each step's starting sigma) on which ``stage`` is active."""
+    return [i for i, s in enumerate(sigmas) if stage_includes(stage, float(s), boundary)]
+
+
+# --- live spec counting (see module docstring: release) ---------------------------------------
+# Finalizers run whenever the GC does, possibly inside a locked section of this very thread, so
+# they only append to a deque (atomic); the counts are settled under the lock by normal code.
+
+_live_lock = threading.Lock()
+_live_paths: Counter = Counter()
+_released: deque = deque()
+
+
+def _track(spec: LoraSpec) -> None:
+    with _live_lock:
+        _live_paths[spec.path] += 1
+    weakref.finalize(spec, _released.append, spec.path)
+
+
+def _is_live(path: str) -> bool:
+    with _live_lock:
+        while _released:
+            gone = _released.popleft()
+            _live_paths[gone] -= 1
+            if _live_paths[gone] <= 0:
+                del _live_paths[gone]
+        return _live_paths.get(path, 0) > 0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA as a model handle carries it: file, weight, stage and stage boundary.
+
+    Args:
+        path: resolved absolute path of a ``.safetensors`` file.
+        weight: strength, -4..4 (0 = no effect, negative = steer away from the LoRA).
+        stage: ``high`` (sigma >= boundary), ``low`` (sigma < boundary) or ``both``.
+        boundary: sigma where the high stage ends and the low stage begins, in (0, 1).
+        name: display name (the widget value or the task's ``model``).
+        merge: merge this LoRA into temporary copies of the weights it patches whenever the
+            active set changes (unmerged-free steps for one extra copy of those weights), instead
+            of running it as live PEFT layers.
+    """
+
+    path: str
+    weight: float
+    stage: str
+    boundary: float = DEFAULT_BOUNDARY
+    name: str = ""
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.merge, bool):
+            raise TypeError(f"merge_at_boundary: expected true or false, got {self.merge!r}")
+        validate_lora(self.name or Path(str(self.path)).name, self.weight, self.stage, self.boundary)
+        if not isinstance(self.path, str) or not os.path.isabs(self.path):
+            raise ValueError(f"lora path: expected a resolved absolute path, got {self.path!r}")
+        if not self.path.lower().endswith(".safetensors"):
+            raise ValueError(
+                f"lora_name: {self.path!r} is not a .safetensors file; only .safetensors LoRAs load"
+            )
+        _track(self)
+
+    def active_at(self, sigma: float) -> bool:
+        return stage_includes(self.stage, sigma, self.boundary)
+
+
+Resolver = Callable[[str], Any]
+
+
+def folder_resolver(field: str = "lora_name") -> Resolver:
+    """Resolve names inside ComfyUI's ``loras`` folder (or the CLI's models dir) via ``hidream.paths``."""
+
+    def resolve(name: str) -> Path:
+        from . import paths
+
+        return paths.resolve_model("loras", name, field=field)
+
+    return resolve
+
+
+def make_lora_spec(
+    name: str,
+    weight: float,
+    stage: str = DEFAULT_STAGE,
+    boundary: float = DEFAULT_BOUNDARY,
+    resolve: Resolver | None = None,
+    merge: bool = False,
+) -> LoraSpec:
+    """Validate widget values, resolve the file and build a spec (no model work).
+
+    ``resolve(name)`` maps a name to a path inside ComfyUI's ``loras`` folder (``folder_resolver``);
+    without one, ``name`` must already be an absolute path (engine use, tests).
+    """
+    validate_lora(name, weight, stage, boundary)
+    if not isinstance(merge, bool):
+        raise TypeError(f"merge_at_boundary: expected true or false, got {merge!r}")
+    if resolve is None:
+        path = Path(name)
+        if not path.is_absolute():
+            raise ValueError(
+                f"lora_name: {name!r} is not an absolute path and no LoRA folder resolver was given"
+            )
+    else:
+        path = Path(resolve(name))  # the resolver's own errors name the field and what is available
+    path = path.resolve()
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"lora_name: {name!r} is not a .safetensors file; only .safetensors LoRAs are loaded"
+        )
+    if not path.is_file():
+        raise ValueError(f"lora_name: {name!r} does not exist ({path})")
+    return LoraSpec(
+        path=str(path), weight=float(weight), stage=stage, boundary=float(boundary), name=name, merge=merge
+    )
+
+
+_TASK_FIELDS = {"lora_name": "model", "weight": "weight", "stage": "transformer", "boundary": "boundary"}
+
+
+def lora_spec_from_task(
+    entry: Mapping[str, Any] | Any,
+    resolve: Resolver | None,
+    boundary: float = DEFAULT_BOUNDARY,
+    field: str = "lora",
+) -> LoraSpec:
+    """A Runware task ``lora`` entry (``model``, ``weight`` = 1, ``transformer`` = both) as a spec.
+
+    ``transformer`` is the API's name for the stage. Accepts the raw dict or any object with
+    those attributes (``hidream.task.TaskLora``). ``resolve`` None looks the name up in the
+    ``loras`` model folder.
+    """
+    if resolve is None:
+        resolve = folder_resolver(f"{field}.model")
+    if isinstance(entry, Mapping):
+        unknown = sorted(set(entry) - {"model", "weight", "transformer"})
+        if unknown:
+            raise ValueError(f"{field}: unknown key(s) {unknown}; allowed: model, weight, transformer")
+        model, weight, stage = (
+            entry.get("model"),
+            entry.get("weight", 1.0),
+            entry.get("transformer", DEFAULT_STAGE),
+        )
+    elif hasattr(entry, "model"):
+        model, weight = entry.model, getattr(entry, "weight", 1.0)
+        stage = getattr(entry, "transformer", DEFAULT_STAGE)
+    else:
+        raise TypeError(f"{field}: expected an object {{model, weight, transformer}}, got {entry!r}")
+    try:
+        return make_lora_spec(model, weight, stage, boundary, resolve=resolve)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        for ours, theirs in _TASK_FIELDS.items():
+            if message.startswith(ours + ":"):
+                message = f"{field}.{theirs}" + message[len(ours) :]
+                break
+        raise type(exc)(message) from exc
+
+
+# --- per-transformer adapter registry ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileKey:
+    """Identity of a LoRA file's contents as far as the cache is concerned."""
+
+    path: str
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: str) -> FileKey:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ValueError(f"lora_name: LoRA file {path!r} cannot be read: {exc}") from exc
+        return cls(path=path, mtime_ns=st.st_mtime_ns, size=st.st_size)
+
+
+@dataclass
+class LoadedAdapter:
+    """One file loaded into one transformer."""
+
+    adapter: str
+    key: FileKey
+    format: str
+    modules: int
+    skipped_keys: int
+
+
+@dataclass
+class _Registry:
+    loaded: dict[str, LoadedAdapter] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    open: bool = False
+    counter: int = 0
+
+
+_registries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_registries_lock = threading.Lock()
+
+
+def _registry(transformer: torch.nn.Module) -> _Registry:
+    with _registries_lock:
+        reg = _registries.get(transformer)
+        if reg is None:
+            reg = _registries[transformer] = _Registry()
+        return reg
+
+
+def loaded_adapters(transformer: torch.nn.Module) -> dict[str, LoadedAdapter]:
+    """Path -> adapter currently loaded into ``transformer`` by this module (a copy)."""
+    return dict(_registry(transformer).loaded)
+
+
+def _tuner_layers(transformer: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _load(transformer: torch.nn.Module, reg: _Registry, key: FileKey, display: str) -> LoadedAdapter:
+    tensors, metadata = lora_formats.read_lora_file(key.path, field="lora_name")
+    converted = lora_formats.convert_state_dict(
+        tensors, lora_formats.linear_module_shapes(transformer), metadata, source=display, field="lora_name"
+    )
+    reg.counter += 1
+    digest = hashlib.sha1(key.path.encode()).hexdigest()[:8]
+    adapter = f"hidream_lora_{digest}_{reg.counter}"
+    state, config = lora_formats.to_peft(converted, transformer)
+    with warnings.catch_warnings():
+        # "Already found a peft_config ... multiple adapters": intended, one adapter per file.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        transformer.load_lora_adapter(
+            state, prefix=None, adapter_name=adapter, metadata=config, low_cpu_mem_usage=True
+        )
+    log.info(
+        "LoRA %s: %s, %d modules, adapter %s", display, converted.format, len(converted.modules), adapter
+    )
+    return LoadedAdapter(
+        adapter=adapter,
+        key=key,
+        format=converted.format,
+        modules=len(converted.modules),
+        skipped_keys=len(converted.skipped_keys),
+    )
+
+
+def _delete(transformer: torch.nn.Module, reg: _Registry, path: str) -> None:
+    entry = reg.loaded.pop(path)
+    with warnings.catch_warnings():
+        # "Adapter X was active which is now deleted": activity is set explicitly every step anyway.
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        transformer.delete_adapters(entry.adapter)
+    log.info("LoRA adapter %s (%s) released", entry.adapter, Path(path).name)
+
+
+def _prune(transformer: torch.nn.Module, reg: _Registry, keep: set[str]) -> None:
+    """Delete adapters no live spec names; remove the PEFT wrappers once none of ours remain."""
+    for path in [p for p in reg.loaded if p not in keep and not _is_live(p)]:
+        _delete(transformer, reg, path)
+    if not reg.loaded and not getattr(transformer, "peft_config", None) and _tuner_layers(transformer):
+        transformer.unload_lora()
+
+
+def release_unused(transformer: torch.nn.Module) -> None:
+    """Delete the adapters of ``transformer`` that no live ``LoraSpec`` uses (not during a session)."""
+    reg = _registry(transformer)
+    with reg.lock:
+        if reg.open:
+            return
+        _prune(transformer, reg, keep=set())
+
+
+def _deactivate(layers: list) -> None:
+    for layer in layers:
+        layer.enable_adapters(False)
+
+
+def _activate(layers: list, weights: Mapping[str, float]) -> None:
+    """Make exactly ``weights`` (adapter -> weight) the live, unmerged adapters of every layer."""
+    for layer in layers:
+        names = [n for n in weights if n in layer.lora_A]
+        if not names:
+            layer.enable_adapters(False)
+            continue
+        layer.enable_adapters(True)
+        layer.set_adapter(names, inference_mode=True)
+        for name in names:
+            layer.set_scale(name, weights[name])
+
+
+def _merge_into(layers: list, weights: Mapping[str, float], swapped: dict) -> None:
+    """Point each patched Linear at a NEW tensor ``W + sum(delta)``; ``swapped`` keeps the originals.
+
+    The original Parameter objects are never written, so restoring them (``_restore``) is exact.
+    ``swapped`` is filled as it goes, so a failure half-way (e.g. out of memory) still restores.
+    """
+    for layer in layers:
+        names = [n for n in weights if n in layer.lora_A]
+        if not names:
+            continue
+        base = layer.get_base_layer()
+        original = base.weight
+        if not original.dtype.is_floating_point or original.element_size() < 2:
+            raise ValueError(
+                f"merge_at_boundary: weights stored as {original.dtype} cannot be merged; "
+                "turn merge_at_boundary off for this model"
+            )
+        merged = original.detach()
+        for name in names:
+            layer.set_scale(name, weights[name])  # peft's scaling: weight * alpha / rank
+            up = layer.lora_B[name].weight.to(merged.dtype)
+            down = layer.lora_A[name].weight.to(merged.dtype)
+            merged = torch.addmm(merged, up, down, alpha=layer.scaling[name])  # a new tensor
+        swapped[base] = original
+        base.weight = torch.nn.Parameter(merged, requires_grad=False)
+
+
+def _restore(swapped: dict) -> None:
+    for base, original in swapped.items():
+        base.weight = original
+    swapped.clear()
+
+
+class LoraSession:
+    """Applies a handle's LoRAs to the shared transformer for ONE sampling call.
+
+    ``__enter__`` loads (cached) adapters with none active; ``on_step(sigma)`` activates exactly
+    the adapters whose stage includes ``sigma``; ``__exit__`` deactivates everything, also on an
+    exception or a cancel. Base weights are never written: unmerged specs run as live PEFT
+    adapters; ``merge=True`` specs are merged, at each change of the active set only, into new
+    tensors that temporarily replace the patched weights (originals restored by reference).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, specs: Sequence[LoraSpec]) -> None:
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, LoraSpec):
+                raise TypeError(f"loras[{i}]: expected a LoraSpec, got {type(spec).__name__}")
+        self.transformer = transformer
+        self.specs = tuple(specs)
+        self._plan: list[tuple[str, LoraSpec]] = []
+        self._layers: list = []
+        self._live: dict[str, float] = {}
+        self._merged: dict[str, float] = {}
+        self._swapped: dict = {}
+        self._entered = False
+
+    def __enter__(self) -> LoraSession:
+        reg = _registry(self.transformer)
+        with reg.lock:
+            if reg.open:
+                raise RuntimeError(
+                    "a LoRA session is already open on this transformer; sampling calls cannot nest"
+                )
+            reg.open = True
+        try:
+            keep = {s.path for s in self.specs}
+            for spec in self.specs:
+                key = FileKey.of(spec.path)
+                entry = reg.loaded.get(spec.path)
+                if entry is not None and entry.key != key:
+                    _delete(self.transformer, reg, spec.path)  # the file changed on disk
+                    entry = None
+                if entry is None:
+                    entry = reg.loaded[spec.path] = _load(
+                        self.transformer, reg, key, spec.name or Path(spec.path).name
+                    )
+                self._plan.append((entry.adapter, spec))
+            _prune(self.transformer, reg, keep)
+            self._layers = _tuner_layers(self.transformer)
+            _deactivate(self._layers)
+        except BaseException:
+            _deactivate(_tuner_layers(self.transformer))
+            reg.open = False
+            raise
+        self._live, self._merged = {}, {}
+        self._entered = True
+        return self
+
+    def weights_at(self, sigma: float) -> tuple[dict[str, float], dict[str, float]]:
+        """(live, merged): adapter -> summed weight of the specs active at ``sigma``, zero sums dropped."""
+        live: dict[str, float] = {}
+        merged: dict[str, float] = {}
+        for adapter, spec in self._plan:
+            if spec.weight != 0 and spec.active_at(sigma):
+                target = merged if spec.merge else live
+                target[adapter] = target.get(adapter, 0.0) + spec.weight
+        return {a: w for a, w in live.items() if w != 0}, {a: w for a, w in merged.items() if w != 0}
+
+    def on_step(self, sigma: float) -> bool:
+        """Activate the adapters for this step; True when the active set or weights changed."""
+        if not self._entered:
+            raise RuntimeError("LoraSession.on_step called outside the session's with-block")
+        sigma = float(sigma)
+        if not math.isfinite(sigma):
+            raise ValueError(f"sigma: {sigma!r} is not a finite number")
+        live, merged = self.weights_at(sigma)
+        if live == self._live and merged == self._merged:
+            return False
+        if merged != self._merged:
+            _restore(self._swapped)
+            self._merged = {}
+            if merged:
+                _merge_into(self._layers, merged, self._swapped)
+            self._merged = merged
+        if live:
+            _activate(self._layers, live)
+        else:
+            _deactivate(self._layers)
+        self._live = live
+        return True
+
+    @property
+    def active(self) -> dict[str, float]:
+        """Adapter -> total weight acting now, live and merged (a copy)."""
+        total = dict(self._live)
+        for adapter, weight in self._merged.items():
+            total[adapter] = total.get(adapter, 0.0) + weight
+        return total
+
+    @property
+    def merged(self) -> dict[str, float]:
+        """Adapter -> weight currently merged into temporary weights (a copy)."""
+        return dict(self._merged)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        reg = _registry(self.transformer)
+        try:
+            _restore(self._swapped)
+            _deactivate(_tuner_layers(self.transformer))
+            self._live, self._merged = {}, {}
+            self._entered = False
+            _prune(self.transformer, reg, keep={s.path for s in self.specs})
+        finally:
+            reg.open = False
