@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel, UniPCMultistepScheduler
-from hidream_pack.hidream import lora, lora_formats, paths
+from hidream_pack.hidream import lora, lora_formats, paths, tiny
 from hidream_pack.hidream.handle import HiDreamModel
 from hidream_pack.hidream.progress import Interrupted
 from hidream_pack.nodes.lora import HiDreamI1LoraLoader
@@ -26,22 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    caption_channels=[32, 32],
-    text_emb_dim=32,
-    num_routed_experts=4,
-    num_activated_experts=2,
-    axes_dims_rope=(8, 4, 4),
-    max_resolution=(128, 128),
-    llama_layers=[0, 1, 2, 3],
-)
+TINY = tiny.TINY_TRANSFORMER_CONFIG
 TARGETS = r".*\.(to_q|to_k|to_v|to_out|to_q_t|to_k_t|to_v_t|to_out_t|w1|w2|w3)$"
 RANK, ALPHA = 4, 8.0  # scale alpha / rank = 2
 

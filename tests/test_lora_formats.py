@@ -15,27 +15,12 @@ import math
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
-from hidream_pack.hidream import lora, lora_formats
+from hidream_pack.hidream import lora, lora_formats, tiny
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    caption_channels=[32, 32],
-    text_emb_dim=32,
-    num_routed_experts=4,
-    num_activated_experts=2,
-    axes_dims_rope=(8, 4, 4),
-    max_resolution=(128, 128),
-    llama_layers=[0, 1, 2, 3],
-)
+TINY = tiny.TINY_TRANSFORMER_CONFIG
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK
 
