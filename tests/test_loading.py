@@ -427,7 +427,7 @@ def test_loader_nodes(models_dir):
     inputs = loader_nodes.HiDreamI1TextEncodersLoader.INPUT_TYPES()["required"]
     assert inputs["llama"][1]["default"] == "llama_3.1_8b_instruct_fp8_scaled.safetensors"
     assert inputs["t5"][1]["default"] == "t5xxl_fp8_e4m3fn_scaled.safetensors"
-    assert inputs["weights"][0] == ("gpu", "offload")
+    assert inputs["weights"][0] == ["gpu", "offload"]
     (model,) = loader_nodes.HiDreamI1ModelLoader().load(
         "hidream_i1_full_tiny_fp8.safetensors", "auto", "fp32", "offload"
     )
