@@ -1,0 +1,319 @@
+"""Step caching at sampling time: one session per sampled image, policies per forward.
+
+The sampler opens a ``CacheSession`` for every image (state never leaks between runs or
+branches: it lives here, not on the shared transformer), calls ``begin_step`` before each
+step, and passes ``policy()`` to the runner, which hands the policy its block-range hook
+points (``TransformerRunner.run_blocks``). Tensor work (distances, residuals, residual
+adds) goes through ``kernels`` (Triton on CUDA, torch on the CPU).
+
+Decision rules, shared by all methods (see ``cache_config`` for the options):
+- step 0 always computes; so does a step whose LoRA set changed (``force_compute``);
+- reuse only inside the window ``[start, end)`` and at most ``max_consecutive`` model calls
+  in a row; a call on which TeaCache skipped the transformer counts as reused for the block
+  cache too and a block-cache hit counts for TeaCache, so no chain of reused calls is ever
+  longer than the larger of the two limits;
+- DBCache also forces a refresh every ``refresh_interval + 1`` steps (``cache_config``);
+- a cached residual is refreshed only on computed calls, and distances are measured
+  against the residual of the last *computed* call (as cache-dit does).
+TeaCache decides first; when it computes, the block cache (FB or DB) may still reuse.
+Our sampler runs uncond and cond as one batch of two: one decision for both (as cache-dit and
+ComfyUI-TeaCache do for batched CFG). Calls run apart pass ``policy(branch)`` to keep apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import kernels
+from .cache_config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig, check_combination
+from .runner import ForwardContext, TransformerRunner
+
+_Sums = torch.Tensor | None  # fp32 [sum|cur - prev|, sum|prev|] from the kernels
+
+
+class _Gate:
+    """Window, max-consecutive and refresh bookkeeping for one decision context."""
+
+    def __init__(self, window: tuple[int, int], max_consecutive: int, refresh: int | None = None) -> None:
+        self.start, self.end = window
+        self.max_consecutive = max_consecutive
+        self.refresh = refresh
+        self.anchor = max(self.start - 1, 0)  # last step before the window: always computed
+        self.consecutive = 0
+
+    def may_reuse(self, step: int, forced: bool) -> bool:
+        if forced or step == 0 or not self.start <= step < self.end:
+            return False
+        if self.consecutive >= self.max_consecutive:
+            return False
+        if self.refresh is None or step <= self.anchor:
+            return True
+        return (step - self.anchor) % (self.refresh + 1) != 0
+
+    def record(self, reused: bool) -> None:
+        self.consecutive = self.consecutive + 1 if reused else 0
+
+
+def _same_shape(prev: torch.Tensor | None, cur: torch.Tensor) -> torch.Tensor | None:
+    return prev if prev is not None and prev.shape == cur.shape else None
+
+
+@dataclass
+class StepRecord:
+    """What one model call did. ``reused`` names the skipped parts: ``tea`` (whole transformer),
+    ``rest`` (FB: blocks after block 0), ``double`` / ``single`` (DB: that list's middle blocks).
+    ``distances`` keeps the kernels' sums until read: reading syncs the device."""
+
+    step: int
+    reused: tuple[str, ...] = ()
+    distances: dict[str, object] = field(default_factory=dict)
+    blocks_run: int = 0
+
+    def distance(self, name: str) -> float | None:
+        value = self.distances.get(name)
+        if isinstance(value, torch.Tensor):
+            value = self.distances[name] = kernels.ratio(value)
+        return value
+
+
+@dataclass
+class _BlockState:
+    prev_front: tuple[torch.Tensor, ...] | None = None
+    rest_img: torch.Tensor | None = None
+    rest_txt: torch.Tensor | None = None
+
+
+@dataclass
+class _Branch:
+    """All one stream of model calls remembers (cond and uncond, when run apart, are two)."""
+
+    gates: dict[str, _Gate] = field(default_factory=dict)
+    states: dict[str, _BlockState] = field(default_factory=dict)
+    tea_prev: torch.Tensor | None = None
+    tea_acc: float = 0.0
+    tea_residual: torch.Tensor | None = None
+
+
+class CacheSession:
+    """Per-image cache state and the policy the runner calls on every forward."""
+
+    def __init__(self, configs: tuple, variant: str, steps: int) -> None:
+        self.configs = tuple(configs)
+        self.variant = variant
+        self.steps = steps
+        check_combination(self.configs)
+        for config in self.configs:
+            config.validate()
+        by_kind = {c.kind: c for c in self.configs}
+        self.tea: TeaCacheConfig | None = by_kind.get("teacache")
+        self.block: FirstBlockCacheConfig | DBCacheConfig | None = by_kind.get("fbcache") or by_kind.get(
+            "dbcache"
+        )
+        # Resolving the windows here checks them against ``steps`` before any model work.
+        self._windows = {kind: self._window(c) for kind, c in (("tea", self.tea), ("block", self.block)) if c}
+        self._poly = self.tea.polynomial(variant) if self.tea else ()
+        self._branches: dict[str, _Branch] = {}
+        self._checked = False
+        self._step = 0
+        self._forced = False
+        self.records: list[StepRecord] = []
+
+    def _window(self, config) -> tuple:
+        refresh = config.refresh_interval if isinstance(config, DBCacheConfig) else None
+        return config.window.resolve(self.steps), config.window.max_consecutive, refresh
+
+    @staticmethod
+    def _gate(branch: _Branch, name: str, window: tuple) -> _Gate:
+        if name not in branch.gates:
+            branch.gates[name] = _Gate(*window)
+        return branch.gates[name]
+
+    def begin_step(self, step: int, force_compute: bool = False) -> None:
+        """Called by the sampler before step ``step``'s model evaluations."""
+        self._step = step
+        self._forced = force_compute
+
+    def policy(self, branch: str = ""):
+        """The runner's policy. A sampler that runs cond and uncond as separate calls passes a
+        different ``branch`` for each, so they keep separate state; ours batches them."""
+        return lambda runner, ctx: self._forward(runner, ctx, self._branches.setdefault(branch, _Branch()))
+
+    # -- the forward ---------------------------------------------------------------
+    def _forward(self, runner: TransformerRunner, ctx: ForwardContext, b: _Branch) -> torch.Tensor:
+        if not self._checked:
+            self._check_model(runner)
+        rec = StepRecord(step=self._step)
+        self.records.append(rec)
+        if self.tea is not None and self._tea_decide(ctx, rec, b):
+            rec.reused = ("tea",)
+            for gate in b.gates.values():
+                gate.record(True)  # the block caches' blocks did not run either
+            return kernels.add_residual(ctx.img, b.tea_residual)
+        if isinstance(self.block, FirstBlockCacheConfig):
+            img = self._first_block(runner, ctx, rec, b)
+        elif isinstance(self.block, DBCacheConfig):
+            img = self._db_cache(runner, ctx, rec, b)
+        else:
+            img, _ = runner.run_blocks(ctx, 0, runner.num_blocks, ctx.img, ctx.txt)
+            rec.blocks_run = runner.num_blocks
+        if self.tea is not None:
+            b.gates["tea"].record(bool(rec.reused))
+            b.tea_residual, _ = kernels.residual_and_l1(img, ctx.img, None)
+        return img
+
+    def _check_model(self, runner: TransformerRunner) -> None:
+        """DBCache's Fn/Bn must leave a middle block to cache in every block list."""
+        if isinstance(self.block, DBCacheConfig):
+            fn, bn = self.block.front_blocks, self.block.back_blocks
+            for name, (start, end) in self._segments(runner).items():
+                if fn + bn >= end - start:
+                    raise ValueError(
+                        f"front_blocks (Fn) + back_blocks (Bn): {fn} + {bn} leaves no middle block to cache "
+                        f"in the {end - start} {name}-stream blocks; allowed Fn + Bn <= {end - start - 1}"
+                    )
+        self._checked = True
+
+    def _tea_input(self, ctx: ForwardContext) -> torch.Tensor:
+        """What the published polynomials were fitted on (ComfyUI-TeaCache's HiDream forward):
+        Full watches the timestep embedding, Dev/Fast the embedded image tokens."""
+        if self.variant == "full":
+            t_emb = getattr(ctx, "t_emb", None)  # t_embedder alone; temb also adds pooled text
+            return t_emb if t_emb is not None else ctx.temb
+        return ctx.img
+
+    def _tea_decide(self, ctx: ForwardContext, rec: StepRecord, b: _Branch) -> bool:
+        cur, gate = self._tea_input(ctx), self._gate(b, "tea", self._windows["tea"])
+        prev, b.tea_prev = _same_shape(b.tea_prev, cur), cur
+        usable = (
+            self.tea.distance > 0.0  # 0 = never skip
+            and prev is not None
+            and b.tea_residual is not None
+            and b.tea_residual.shape == ctx.img.shape
+            and gate.may_reuse(self._step, self._forced)
+        )
+        if not usable:  # a computed call restarts the accumulation, as in TeaCache
+            b.tea_acc = 0.0
+            return False
+        b.tea_acc += abs(float(np.polyval(self._poly, kernels.relative_l1(cur, prev))))
+        rec.distances["tea"] = b.tea_acc
+        if b.tea_acc < self.tea.distance:  # NaN compares False: computes
+            return True
+        b.tea_acc = 0.0
+        return False
+
+    def _decide(self, name: str, rec: StepRecord, b: _Branch, sums: _Sums, threshold: float) -> bool:
+        """One block-cache decision. 0 never reuses; 1.0 always does (cache-dit's "always
+        similar"); the distance is read (a device sync) only when it decides something."""
+        gate, state = self._gate(b, name, self._windows["block"]), b.states[name]
+        if sums is not None:
+            rec.distances[name] = sums
+        hit = (
+            sums is not None
+            and state.rest_img is not None
+            and threshold > 0.0
+            and gate.may_reuse(self._step, self._forced)
+            and (threshold >= 1.0 or rec.distance(name) < threshold)  # NaN compares False
+        )
+        gate.record(hit)
+        if hit:
+            rec.reused += (name,)
+        return hit
+
+    def _first_block(self, runner: TransformerRunner, ctx: ForwardContext, rec: StepRecord, b: _Branch):
+        state = b.states.setdefault("rest", _BlockState())
+        img1, txt1 = runner.run_blocks(ctx, 0, 1, ctx.img, ctx.txt)
+        rec.blocks_run = 1
+        prev = state.prev_front[0] if state.prev_front else None
+        front, sums = kernels.residual_and_l1(img1, ctx.img, _same_shape(prev, img1))
+        if self._decide("rest", rec, b, sums, self.block.threshold):
+            return kernels.add_residual(img1, state.rest_img)
+        img, _ = runner.run_blocks(ctx, 1, runner.num_blocks, img1, txt1)
+        rec.blocks_run = runner.num_blocks
+        state.prev_front = (front,)
+        state.rest_img, _ = kernels.residual_and_l1(img, img1, None)
+        return img
+
+    @staticmethod
+    def _segments(runner: TransformerRunner) -> dict[str, tuple[int, int]]:
+        """cache-dit keeps one context per HiDream block list; so do we."""
+        segments = {"double": (0, runner.num_double), "single": (runner.num_double, runner.num_blocks)}
+        return {name: (a, b) for name, (a, b) in segments.items() if b > a}
+
+    def _db_cache(self, runner: TransformerRunner, ctx: ForwardContext, rec: StepRecord, b: _Branch):
+        img, txt = ctx.img, ctx.txt
+        for name, span in self._segments(runner).items():
+            img, txt = self._db_segment(runner, ctx, name, span, img, txt, rec, b)
+        return img
+
+    def _db_segment(
+        self, runner, ctx, name: str, span: tuple[int, int], img, txt, rec: StepRecord, b: _Branch
+    ):
+        cfg: DBCacheConfig = self.block
+        start, end = span
+        state = b.states.setdefault(name, _BlockState())
+        fn_end, bn_start = start + cfg.front_blocks, end - cfg.back_blocks
+        f_img, f_txt = runner.run_blocks(ctx, start, fn_end, img, txt)
+        prev = state.prev_front or (None, None)
+        front_img, sums = kernels.residual_and_l1(f_img, img, _same_shape(prev[0], f_img))
+        front = (front_img,)
+        if name == "single":  # cache-dit measures the single blocks' whole image+text sequence
+            front_txt, sums_txt = kernels.residual_and_l1(f_txt, txt, _same_shape(prev[1], f_txt))
+            front = (front_img, front_txt)
+            sums = sums + sums_txt if sums is not None and sums_txt is not None else None
+        if self._decide(name, rec, b, sums, cfg.threshold):
+            m_img = kernels.add_residual(f_img, state.rest_img)
+            m_txt = kernels.add_residual(f_txt, state.rest_txt)
+            rec.blocks_run += (fn_end - start) + (end - bn_start)
+        else:
+            m_img, m_txt = runner.run_blocks(ctx, fn_end, bn_start, f_img, f_txt)
+            state.prev_front = front
+            state.rest_img, _ = kernels.residual_and_l1(m_img, f_img, None)
+            state.rest_txt, _ = kernels.residual_and_l1(m_txt, f_txt, None)
+            rec.blocks_run += end - start
+        return runner.run_blocks(ctx, bn_start, end, m_img, m_txt)
+
+    # -- telemetry -----------------------------------------------------------------
+    def computed_steps(self) -> list[int]:
+        """Steps of the calls on which nothing was reused (every block ran)."""
+        return [r.step for r in self.records if not r.reused]
+
+    def reused_steps(self, part: str | None = None) -> list[int]:
+        """Steps of the calls that reused anything, or the given part (tea/rest/double/single)."""
+        return [r.step for r in self.records if (part in r.reused if part else r.reused)]
+
+    def block_fraction(self, num_blocks: int) -> float:
+        """Fraction of block calls that ran, versus no cache."""
+        if not self.records:
+            return 1.0
+        return sum(r.blocks_run for r in self.records) / (num_blocks * len(self.records))
+
+    def summary(self, num_blocks: int | None = None) -> str:
+        """One log line: the headline, then ``step:decision@distance`` for every model call.
+
+        e.g. ``FBCache: 17 of 30 steps reused, 1.9x fewer block calls | 0:compute
+        1:compute@rest=0.31 2:rest@rest=0.012 ...`` (decision = ``compute`` or the reused
+        parts joined by ``+``; distances are TeaCache's accumulated value and each block
+        context's relative L1).
+        """
+        label = "+".join(c.label for c in self.configs)
+        unit = "steps" if len(self.records) == self.steps else "model calls"
+        blocks = num_blocks or max((r.blocks_run for r in self.records), default=0) or 1
+        frac = self.block_fraction(blocks)
+        speed = f"{1 / frac:.1f}x fewer block calls" if frac > 0 else "no block calls"
+        head = f"{label}: {len(self.reused_steps())} of {len(self.records)} {unit} reused, {speed}"
+        return f"{head} | " + " ".join(self._describe(r) for r in self.records)
+
+    @staticmethod
+    def _describe(rec: StepRecord) -> str:
+        decision = "+".join(rec.reused) or "compute"
+        dists = [(k, rec.distance(k)) for k in list(rec.distances)]
+        text = ",".join(f"{k}={v:.4g}" for k, v in dists if v is not None)
+        return f"{rec.step}:{decision}" + (f"@{text}" if text else "")
+
+
+def open_cache_session(configs: tuple, variant: str, steps: int) -> CacheSession:
+    """A fresh session for one sampled image (validates the options against ``steps``)."""
+    return CacheSession(configs=tuple(configs), variant=variant, steps=steps)
