@@ -125,13 +125,21 @@ def read_header(path: Path, field: str) -> dict[str, TensorInfo]:
 
 
 def load_state(
-    path: Path, field: str, dtype: torch.dtype, *, prefix: str = "", skip: tuple[str, ...] = ()
+    path: Path,
+    field: str,
+    dtype: torch.dtype,
+    *,
+    prefix: str = "",
+    skip: tuple[str, ...] = (),
+    fp8_storage: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read a state dict to the CPU in ``dtype``, dequantizing fp8 / fp8-scaled tensors.
 
     Tensors are converted one at a time, so peak memory stays near the output's size even
     for multi-GB fp8 files. ``prefix`` is removed from key names; keys in ``skip`` (after
-    removing the prefix) are not read. Call :func:`read_header` first.
+    removing the prefix) are not read. With ``fp8_storage`` the transformer blocks' Linear
+    weights are kept (or cast to) float8_e4m3fn instead (``fp8.stores_as_fp8``). Call
+    :func:`read_header` first.
     """
     from safetensors import safe_open
 
@@ -146,7 +154,11 @@ def load_state(
                 if short in skip:
                     continue
                 scale = fh.get_tensor(scale_key) if scale_key else None
-                out[short] = fp8.dequantize_tensor(fh.get_tensor(name), scale, dtype)
+                tensor = fh.get_tensor(name)
+                if fp8_storage and fp8.stores_as_fp8(short, tuple(tensor.shape)):
+                    out[short] = fp8.to_storage(tensor, scale)
+                else:
+                    out[short] = fp8.dequantize_tensor(tensor, scale, dtype)
     except ValueError as exc:
         raise ValueError(f"{field}: {Path(path).name!r}: {exc}") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError (a plain Exception)

@@ -97,3 +97,47 @@ def quantize_scaled(
         else:
             out[name] = t
     return out
+
+
+# ---------------------------------------------------------------- fp8 weight storage
+#
+# HiDream-I1 Full is ~34 GB in bf16: it does not fit a 24 GB card. Keeping the block Linear
+# weights in float8_e4m3fn (~17 GB) and upcasting each weight to the compute dtype just before
+# its matmul is what ComfyUI's fp8 weight dtype does; the arithmetic stays in bf16/fp16.
+
+STORAGE_FP8 = torch.float8_e4m3fn
+_BLOCK_PREFIXES = ("double_stream_blocks.", "single_stream_blocks.")
+
+
+def stores_as_fp8(key: str, shape: tuple[int, ...]) -> bool:
+    """Block Linear weights (2-D ``*.weight``); MoE gates are used with F.linear on their own
+    parameter, norms and biases are small: those stay in the compute dtype."""
+    return (
+        key.startswith(_BLOCK_PREFIXES)
+        and key.endswith(".weight")
+        and len(shape) == 2
+        and not key.endswith(".gate.weight")
+    )
+
+
+def to_storage(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A weight as float8_e4m3fn: plain fp8 files pass through, everything else is cast."""
+    if scale is None and weight.dtype == STORAGE_FP8:
+        return weight
+    w = _apply_scale(weight, scale) if scale is not None else weight.to(torch.float32)
+    return w.clamp(-448.0, 448.0).to(STORAGE_FP8)
+
+
+def _fp8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def enable_fp8_linears(model: torch.nn.Module) -> int:
+    """Make every Linear whose weight is stored in fp8 upcast it per call; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == STORAGE_FP8:
+            module.forward = _fp8_linear_forward.__get__(module, type(module))
+            count += 1
+    return count

@@ -333,6 +333,7 @@ def _load(transformer: torch.nn.Module, reg: _Registry, key: FileKey, display: s
         transformer.load_lora_adapter(
             state, prefix=None, adapter_name=adapter, metadata=config, low_cpu_mem_usage=True
         )
+    _lift_fp8_adapter(transformer, adapter)
     log.info(
         "LoRA %s: %s, %d modules, adapter %s", display, converted.format, len(converted.modules), adapter
     )
@@ -343,6 +344,16 @@ def _load(transformer: torch.nn.Module, reg: _Registry, key: FileKey, display: s
         modules=len(converted.modules),
         skipped_keys=len(converted.skipped_keys),
     )
+
+
+def _lift_fp8_adapter(transformer: torch.nn.Module, adapter: str) -> None:
+    """peft gives an adapter its base layer's dtype; on fp8-stored weights (``fp8.enable_fp8_linears``)
+    that would be fp8, which cannot be multiplied: keep the adapter in the compute dtype instead."""
+    compute = transformer.x_embedder.proj.weight.dtype
+    for layer in _tuner_layers(transformer):
+        for table in (layer.lora_A, layer.lora_B):
+            if adapter in table and table[adapter].weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                table[adapter].to(compute)
 
 
 def _delete(transformer: torch.nn.Module, reg: _Registry, path: str) -> None:

@@ -6,6 +6,7 @@ from ..hidream import loading, paths
 
 DTYPE_CHOICES = list(loading.DTYPES)
 WEIGHTS_CHOICES = ["gpu", "offload"]
+WEIGHT_DTYPE_CHOICES = ["default", "fp8_e4m3fn"]
 FROM_FOLDER = "(from folder)"
 
 _DTYPE_TIP = (
@@ -70,12 +71,33 @@ class HiDreamI1ModelLoader:
                 ),
                 "variant": (list(loading.VARIANT_CHOICES), {"default": "auto", "tooltip": _VARIANT_TIP}),
                 **_common(),
-            }
+            },
+            "optional": {
+                "weight_dtype": (
+                    WEIGHT_DTYPE_CHOICES,
+                    {
+                        "default": "default",
+                        "tooltip": "default = weights in the compute dtype (Full: ~34 GB in bf16). fp8_e4m3fn = "
+                        "block weights stored in fp8 (~17 GB), upcast per layer; what a 24 GB card needs "
+                        "(with weights: offload, so the text encoders and the transformer take turns).",
+                    },
+                ),
+            },
         }
 
-    def load(self, model_name, variant, dtype, weights):
+    def load(self, model_name, variant, dtype, weights, weight_dtype="default"):
+        if weight_dtype not in WEIGHT_DTYPE_CHOICES:
+            raise ValueError(
+                f"weight_dtype: {weight_dtype!r} is not allowed; allowed: {', '.join(WEIGHT_DTYPE_CHOICES)}"
+            )
         path = paths.resolve_model("diffusion_models", model_name, field="model_name")
-        model = loading.load_transformer(path, variant=variant, dtype=dtype, offload=_offload(weights))
+        model = loading.load_transformer(
+            path,
+            variant=variant,
+            dtype=dtype,
+            offload=_offload(weights),
+            fp8_weights=weight_dtype == "fp8_e4m3fn",
+        )
         return (model,)
 
 

@@ -64,6 +64,7 @@ def t2i_graph(
                 "variant": "auto",
                 "dtype": "bf16",
                 "weights": "offload",
+                "weight_dtype": "fp8_e4m3fn",
             },
         },
         "2": {

@@ -1,0 +1,114 @@
+"""fp8 weight storage: the 24 GB-card option of the model loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hidream_pack.hidream import fp8, loading, tiny
+from hidream_pack.hidream.runner import TransformerRunner
+from hidream_pack.hidream.sampling import SampleSettings, sample_latents
+from hidream_pack.hidream.schedulers import SchedulerSpec
+from hidream_pack.hidream.text import Conditioning, PromptEmbeds
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+def _load(path, fp8_weights: bool):
+    return loading.load_transformer(path, dtype="fp32", device="cpu", fp8_weights=fp8_weights)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return (
+        torch.randn(1, 16, 16, 24, generator=g),
+        torch.tensor([600.0]),
+        torch.randn(1, 8, 32, generator=g),
+        torch.randn(4, 1, 8, 32, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
+
+
+@pytest.mark.parametrize("source", ["transformer_bf16", "transformer_fp8"])
+def test_block_linears_are_stored_in_fp8_and_upcast_per_layer(tiny_paths, source):
+    full = _load(tiny_paths[source], False)
+    small = _load(tiny_paths[source], True)
+    linears = [
+        (name, m)
+        for name, m in small.transformer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and name.startswith(("double_stream_blocks", "single_stream_blocks"))
+    ]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for _, m in linears)
+    gates = [m for n, m in small.transformer.named_modules() if n.endswith(".gate")]
+    assert gates and all(g.weight.dtype == torch.float32 for g in gates)
+    outside = small.transformer.final_layer.linear.weight
+    assert outside.dtype == torch.float32
+    with torch.no_grad():
+        ref = TransformerRunner(full.transformer).forward(*_inputs())
+        out = TransformerRunner(small.transformer).forward(*_inputs())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    if source == "transformer_fp8":
+        # The file already holds fp8 weights: storing them as fp8 loses nothing.
+        assert rel <= 1e-6
+    else:
+        assert rel < 0.2  # fp8 keeps 3 mantissa bits; MoE routing amplifies the rounding
+    stored = sum(m.weight.numel() * m.weight.element_size() for _, m in linears)
+    assert stored == sum(m.weight.numel() for _, m in linears)  # one byte per weight
+
+
+def test_fp8_weights_sample_and_have_their_own_cache_entry(tiny_paths):
+    small = _load(tiny_paths["transformer_fp8"], True)
+    assert small is not _load(tiny_paths["transformer_fp8"], False)
+
+    def embeds():
+        return PromptEmbeds(torch.randn(1, 8, 32), torch.randn(4, 1, 8, 32), torch.randn(1, 32))
+
+    torch.manual_seed(0)
+    cond = Conditioning(positive=embeds(), negative=embeds())
+    result = sample_latents(small, cond, SchedulerSpec("Default"), SampleSettings(128, 160, steps=2, cfg=2.0))
+    assert result.latents.shape == (1, 16, 20, 16) and torch.isfinite(result.latents).all()
+
+
+def test_to_storage_casts_and_clamps_to_the_fp8_range():
+    w = torch.tensor([[1000.0, -1000.0, 0.3]])
+    out = fp8.to_storage(w, None)
+    assert out.dtype == torch.float8_e4m3fn
+    assert out.float().tolist() == [[448.0, -448.0, torch.tensor(0.3).to(torch.float8_e4m3fn).item()]]
+
+
+def test_lora_applies_on_fp8_stored_weights(tmp_path):
+    """peft wraps the fp8 Linears: the adapter runs in the compute dtype, base weights stay fp8."""
+    import copy
+
+    from diffusers import HiDreamImageTransformer2DModel
+    from hidream_pack.hidream import lora
+    from test_lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
+
+    torch.manual_seed(0)
+    pristine = HiDreamImageTransformer2DModel(**tiny.TINY_TRANSFORMER_CONFIG).eval()
+    path = write_kohya(make_lora(pristine, 11), tmp_path / "one.safetensors")
+    small = copy.deepcopy(pristine)
+    for name, module in small.named_modules():
+        if isinstance(module, torch.nn.Linear) and fp8.stores_as_fp8(
+            name + ".weight", tuple(module.weight.shape)
+        ):
+            module.weight = torch.nn.Parameter(fp8.to_storage(module.weight.data, None), requires_grad=False)
+    fp8.enable_fp8_linears(small)
+    spec = lora.LoraSpec(path=str(path), weight=1.0, stage="both")
+    with torch.no_grad():
+        base = TransformerRunner(small).forward(*_inputs())
+        with lora.LoraSession(small, [spec]) as session:
+            session.on_step(0.5)
+            patched = TransformerRunner(small).forward(*_inputs())
+        after = TransformerRunner(small).forward(*_inputs())
+    assert not torch.equal(base, patched)
+    assert torch.equal(base, after)
+    stored = [
+        m
+        for n, m in small.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("double_stream_blocks") and ".lora_" not in n
+    ]
+    assert stored and all(m.weight.dtype == torch.float8_e4m3fn for m in stored)
