@@ -82,6 +82,9 @@ def _ignore(i: int, sigma: float) -> None:
 
 
 def test_names_are_the_75_spec_names_in_spec_order():
+    """Against the spec file in ../shared/spec (beside the checkout in CI and development)."""
+    if not SPEC.is_file():
+        pytest.skip(f"the spec file is not beside this checkout ({SPEC})")
     expected = SPEC.read_text().splitlines()
     assert len(expected) == 75
     assert list(SCHEDULER_NAMES) == expected
