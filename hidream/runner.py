@@ -44,6 +44,7 @@ class ForwardContext:
     rope: torch.Tensor
     grid: tuple[int, int]
     batch: int
+    t_emb: torch.Tensor | None = None  # the timestep embedding alone (TeaCache on Full watches it)
 
 
 CachePolicy = Callable[["TransformerRunner", ForwardContext], torch.Tensor]
@@ -102,7 +103,8 @@ class TransformerRunner:
         batch = latents.shape[0]
         grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
         img = tr.x_embedder(patchify(latents, patch))
-        temb = tr.t_embedder(timesteps, latents.dtype) + tr.p_embedder(pooled)
+        t_emb = tr.t_embedder(timesteps, latents.dtype)
+        temb = t_emb + tr.p_embedder(pooled)
         dim = img.shape[-1]
         llama_proj = [
             tr.caption_projection[i](llama[k]).view(batch, -1, dim)
@@ -116,7 +118,7 @@ class TransformerRunner:
         )
         rope = tr.pe_embedder(torch.cat([ids, txt_ids], dim=1))
         return ForwardContext(
-            img=img, txt=txt, temb=temb, llama=llama_proj, rope=rope, grid=grid, batch=batch
+            img=img, txt=txt, temb=temb, llama=llama_proj, rope=rope, grid=grid, batch=batch, t_emb=t_emb
         )
 
     def run_blocks(

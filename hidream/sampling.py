@@ -203,6 +203,7 @@ def sample_latents(
 
     validate_settings(settings)
     validate_scheduler_name(scheduler.name)
+    _open_cache(model, settings.steps)  # bad cache options fail here, before any weight moves
     runner = TransformerRunner(model.transformer)
     progress = Progress(total=settings.steps * settings.batch, callback=callback)
     telemetry: list[str] = []

@@ -109,3 +109,15 @@ def test_return_declarations_line_up(node_id):
     assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == n
     assert len(getattr(cls, "OUTPUT_TOOLTIPS", cls.RETURN_TYPES)) == n
     assert all(isinstance(t, str | list) for t in cls.RETURN_TYPES)
+
+
+def test_readme_lists_every_node_and_the_current_scheduler_table():
+    """The README stays true: every node's title, and the scheduler table as the code builds it."""
+    from pathlib import Path
+
+    from hidream_pack.hidream.schedulers import scheduler_table_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for node_id, title in hidream_pack.NODE_DISPLAY_NAME_MAPPINGS.items():
+        assert title in readme, f"README does not mention {title} ({node_id})"
+    assert scheduler_table_markdown().strip() in readme
