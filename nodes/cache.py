@@ -81,6 +81,11 @@ def _attach(model, config):
     return (model.with_cache(config),)
 
 
+def _threshold_input(tooltip: str, default: float = 0.25) -> tuple:
+    """A 0..1 threshold widget (Runware's range and step)."""
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+
+
 class _CacheNode:
     CATEGORY = "HiDream"
     RETURN_TYPES = ("HIDREAM_MODEL",)
@@ -103,17 +108,10 @@ class HiDreamI1FirstBlockCache(_CacheNode):
         return {
             "required": {
                 "model": ("HIDREAM_MODEL", {"tooltip": "The model to accelerate."}),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.25,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Runware fbCacheThreshold: reuse when block 0's relative L1 change is below this. "
-                        "0 = never reuse, 1 = always; higher = faster, lower quality (Runware's text says "
-                        "the opposite; this is how the algorithm is defined).",
-                    },
+                "threshold": _threshold_input(
+                    "Runware fbCacheThreshold: reuse when block 0's relative L1 change is below this. "
+                    "0 = never reuse, 1 = always; higher = faster, lower quality (Runware's text says "
+                    "the opposite; this is how the algorithm is defined)."
                 ),
                 **_window_inputs(),
             }
@@ -197,17 +195,10 @@ class HiDreamI1DBCache(_CacheNode):
         return {
             "required": {
                 "model": ("HIDREAM_MODEL", {"tooltip": "The model to accelerate."}),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.25,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Runware dbCacheThreshold: reuse when the Fn blocks' residual changed by less "
-                        "than this (relative L1). 0 = never reuse, 1 = always; higher = faster, lower quality "
-                        "(Runware's text says the opposite; this is how cache-dit defines it).",
-                    },
+                "threshold": _threshold_input(
+                    "Runware dbCacheThreshold: reuse when the Fn blocks' residual changed by less "
+                    "than this (relative L1). 0 = never reuse, 1 = always; higher = faster, lower quality "
+                    "(Runware's text says the opposite; this is how cache-dit defines it)."
                 ),
                 "refresh_interval": (
                     "INT",

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
 from hidream_pack.hidream import cache as cache_mod
+from hidream_pack.hidream import tiny
 from hidream_pack.hidream.cache_config import (
     CacheWindow,
     DBCacheConfig,
@@ -27,22 +28,7 @@ from hidream_pack.hidream.handle import HiDreamModel
 from hidream_pack.hidream.runner import TransformerRunner
 from hidream_pack.nodes.cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 
-TINY = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    caption_channels=[32, 32],
-    text_emb_dim=32,
-    num_routed_experts=4,
-    num_activated_experts=2,
-    axes_dims_rope=(8, 4, 4),
-    max_resolution=(128, 128),
-    llama_layers=[0, 1, 2, 3],
-)
+TINY = tiny.TINY_TRANSFORMER_CONFIG
 STEPS = 12
 NEVER = 1000  # a refresh interval that never triggers within STEPS
 
