@@ -36,3 +36,31 @@ def on_device(module: torch.nn.Module | None, device: torch.device, offload: boo
         module.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that new tensors on ``device`` could take now, or None when it cannot be told.
+
+    CUDA: the driver's free memory plus what PyTorch's allocator holds unused. CPU: the OS's
+    available memory (psutil, which ComfyUI ships; else ``/proc/meminfo``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -15,14 +15,19 @@ How it is applied (``LoraSession``, one per sampling call):
   it; a changed file is reloaded. A file used by several specs gets, at each step, the sum of the
   weights of the specs active at that sigma (LoRA is linear in its weight), so the same file may
   sit in both stages with different weights.
-- Per step, ``on_step(sigma)`` sets which adapters are live and their scales (PEFT
+- Each spec either merges or runs live (``merge_at_boundary``: ``on`` / ``off``; the default
+  ``auto`` merges when the patched weights can take it and one copy of them fits in free memory
+  with 2 GiB to spare, else runs live). The choice is made once per session; the log says which.
+- Merged specs: only when the active set changes (at the stage boundary), NEW tensors
+  ``W + weight * alpha/rank * B @ A`` temporarily replace the weights they patch, so steps run at
+  plain-model speed for one extra copy of those weights. The original Parameter objects are put
+  back by reference at the next change and at the end.
+- Live specs: per step, ``on_step(sigma)`` sets which adapters are live and their scales (PEFT
   ``enable_adapters`` / ``set_adapter`` / ``set_scale``; nothing is copied, and nothing at all
-  happens on a step whose active set equals the previous one). A step with no LoRA active runs
-  the plain base layers (PEFT's disabled path), bit-identical to a model that never saw a LoRA.
-- ``merge_at_boundary`` specs instead get merged, only when the active set changes, into NEW
-  tensors that temporarily replace the weights they patch (``W + weight * alpha/rank * B @ A``);
-  steps then run at plain-model speed for one extra copy of those weights. The original
-  Parameter objects are put back by reference at the next change and at the end.
+  happens on a step whose active set equals the previous one). Costs the low-rank matmuls.
+- A wrapped Linear with no live adapter is taken out of the forward path for those steps (its
+  parent points at the plain base layer), so a step with nothing live runs exactly the base
+  model's modules: bit-identical to a model that never saw a LoRA, at its speed.
 - Base weights are never written in either mode, so a session that ends normally, by an
   exception or by a cancel leaves them bit-identical with no adapter active.
 - Release: every ``LoraSpec`` counts itself live per path until it is garbage-collected. At the
@@ -48,7 +53,7 @@ from typing import Any
 
 import torch
 
-from . import lora_formats
+from . import lora_apply, lora_formats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ STAGES = ("both", "high", "low")
 DEFAULT_STAGE = "both"
 DEFAULT_BOUNDARY = 0.875
 WEIGHT_RANGE = (-4.0, 4.0)
+MERGE_MODES = ("auto", "on", "off")
+DEFAULT_MERGE = "auto"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
@@ -85,6 +92,11 @@ def validate_lora(name: object, weight: object, stage: object, boundary: object)
         raise TypeError(f"boundary: expected a sigma strictly between 0 and 1, got {boundary!r}")
     if not (math.isfinite(boundary) and 0.0 < boundary < 1.0):
         raise ValueError(f"boundary: {boundary!r} is outside (0, 1); high = sigma >= boundary, low = below")
+
+
+def validate_merge(merge: object) -> None:
+    if merge not in MERGE_MODES:  # also refuses the booleans of older workflows, by name
+        raise ValueError(f"merge_at_boundary: {merge!r} is not one of {', '.join(MERGE_MODES)}")
 
 
 def stage_includes(stage: str, sigma: float, boundary: float) -> bool:
@@ -136,9 +148,11 @@ class LoraSpec:
         stage: ``high`` (sigma >= boundary), ``low`` (sigma < boundary) or ``both``.
         boundary: sigma where the high stage ends and the low stage begins, in (0, 1).
         name: display name (the widget value or the task's ``model``).
-        merge: merge this LoRA into temporary copies of the weights it patches whenever the
-            active set changes (unmerged-free steps for one extra copy of those weights), instead
-            of running it as live PEFT layers.
+        merge: ``merge_at_boundary``. ``on``: merge this LoRA into temporary copies of the
+            weights it patches whenever the active set changes (plain-model speed for one extra
+            copy of those weights); ``off``: run it as live PEFT layers (no extra memory, the
+            low-rank matmuls every step); ``auto`` (default): ``on`` when the weights can take a
+            merge and a copy fits in free memory, else ``off`` (``lora_apply.merge_budget``).
     """
 
     path: str
@@ -146,11 +160,10 @@ class LoraSpec:
     stage: str
     boundary: float = DEFAULT_BOUNDARY
     name: str = ""
-    merge: bool = False
+    merge: str = DEFAULT_MERGE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.merge, bool):
-            raise TypeError(f"merge_at_boundary: expected true or false, got {self.merge!r}")
+        validate_merge(self.merge)
         validate_lora(self.name or Path(str(self.path)).name, self.weight, self.stage, self.boundary)
         if not isinstance(self.path, str) or not os.path.isabs(self.path):
             raise ValueError(f"lora path: expected a resolved absolute path, got {self.path!r}")
@@ -184,7 +197,7 @@ def make_lora_spec(
     stage: str = DEFAULT_STAGE,
     boundary: float = DEFAULT_BOUNDARY,
     resolve: Resolver | None = None,
-    merge: bool = False,
+    merge: str = DEFAULT_MERGE,
 ) -> LoraSpec:
     """Validate widget values, resolve the file and build a spec (no model work).
 
@@ -192,8 +205,7 @@ def make_lora_spec(
     without one, ``name`` must already be an absolute path (engine use, tests).
     """
     validate_lora(name, weight, stage, boundary)
-    if not isinstance(merge, bool):
-        raise TypeError(f"merge_at_boundary: expected true or false, got {merge!r}")
+    validate_merge(merge)
     if resolve is None:
         path = Path(name)
         if not path.is_absolute():
@@ -382,65 +394,13 @@ def release_unused(transformer: torch.nn.Module) -> None:
         _prune(transformer, reg, keep=set())
 
 
-def _deactivate(layers: list) -> None:
-    for layer in layers:
-        layer.enable_adapters(False)
-
-
-def _activate(layers: list, weights: Mapping[str, float]) -> None:
-    """Make exactly ``weights`` (adapter -> weight) the live, unmerged adapters of every layer."""
-    for layer in layers:
-        names = [n for n in weights if n in layer.lora_A]
-        if not names:
-            layer.enable_adapters(False)
-            continue
-        layer.enable_adapters(True)
-        layer.set_adapter(names, inference_mode=True)
-        for name in names:
-            layer.set_scale(name, weights[name])
-
-
-def _merge_into(layers: list, weights: Mapping[str, float], swapped: dict) -> None:
-    """Point each patched Linear at a NEW tensor ``W + sum(delta)``; ``swapped`` keeps the originals.
-
-    The original Parameter objects are never written, so restoring them (``_restore``) is exact.
-    ``swapped`` is filled as it goes, so a failure half-way (e.g. out of memory) still restores.
-    """
-    for layer in layers:
-        names = [n for n in weights if n in layer.lora_A]
-        if not names:
-            continue
-        base = layer.get_base_layer()
-        original = base.weight
-        if not original.dtype.is_floating_point or original.element_size() < 2:
-            raise ValueError(
-                f"merge_at_boundary: weights stored as {original.dtype} cannot be merged; "
-                "turn merge_at_boundary off for this model"
-            )
-        merged = original.detach()
-        for name in names:
-            layer.set_scale(name, weights[name])  # peft's scaling: weight * alpha / rank
-            up = layer.lora_B[name].weight.to(merged.dtype)
-            down = layer.lora_A[name].weight.to(merged.dtype)
-            merged = torch.addmm(merged, up, down, alpha=layer.scaling[name])  # a new tensor
-        swapped[base] = original
-        base.weight = torch.nn.Parameter(merged, requires_grad=False)
-
-
-def _restore(swapped: dict) -> None:
-    for base, original in swapped.items():
-        base.weight = original
-    swapped.clear()
-
-
 class LoraSession:
     """Applies a handle's LoRAs to the shared transformer for ONE sampling call.
 
-    ``__enter__`` loads (cached) adapters with none active; ``on_step(sigma)`` activates exactly
-    the adapters whose stage includes ``sigma``; ``__exit__`` deactivates everything, also on an
-    exception or a cancel. Base weights are never written: unmerged specs run as live PEFT
-    adapters; ``merge=True`` specs are merged, at each change of the active set only, into new
-    tensors that temporarily replace the patched weights (originals restored by reference).
+    ``__enter__`` loads (cached) adapters with none active and decides which specs merge
+    (``merge_at_boundary`` on, or auto with room); ``on_step(sigma)`` makes exactly the adapters
+    whose stage includes ``sigma`` act; ``__exit__`` undoes everything, also on an exception or a
+    cancel. Base weights are never written (``hidream.lora_apply``).
     """
 
     def __init__(self, transformer: torch.nn.Module, specs: Sequence[LoraSpec]) -> None:
@@ -450,7 +410,8 @@ class LoraSession:
         self.transformer = transformer
         self.specs = tuple(specs)
         self._plan: list[tuple[str, LoraSpec]] = []
-        self._layers: list = []
+        self._merging: list[bool] = []  # per plan entry: merged (True) or live adapter
+        self._slots = lora_apply.LayerSlots([])
         self._live: dict[str, float] = {}
         self._merged: dict[str, float] = {}
         self._swapped: dict = {}
@@ -478,23 +439,33 @@ class LoraSession:
                     )
                 self._plan.append((entry.adapter, spec))
             _prune(self.transformer, reg, keep)
-            self._layers = _tuner_layers(self.transformer)
-            _deactivate(self._layers)
+            self._slots = lora_apply.LayerSlots.of(self.transformer)
+            self._slots.set_live({})  # nothing acts before the first step: plain modules only
+            self._merging = self._decide_merges()
         except BaseException:
-            _deactivate(_tuner_layers(self.transformer))
+            lora_apply.LayerSlots.of(self.transformer).put_back()
             reg.open = False
             raise
         self._live, self._merged = {}, {}
         self._entered = True
         return self
 
+    def _decide_merges(self) -> list[bool]:
+        """Per plan entry: merge it? ``on`` always, ``off`` never, ``auto`` when a copy fits."""
+        candidates = {a for a, s in self._plan if s.merge != "off" and s.weight != 0}
+        fits = False
+        if any(s.merge == "auto" for _, s in self._plan):
+            fits, why = lora_apply.merge_budget(lora_apply.touched(self._slots.layers, candidates))
+            log.info("LoRA merge_at_boundary auto: %s (%s)", "merge" if fits else "live layers", why)
+        return [s.merge == "on" or (s.merge == "auto" and fits) for _, s in self._plan]
+
     def weights_at(self, sigma: float) -> tuple[dict[str, float], dict[str, float]]:
         """(live, merged): adapter -> summed weight of the specs active at ``sigma``, zero sums dropped."""
         live: dict[str, float] = {}
         merged: dict[str, float] = {}
-        for adapter, spec in self._plan:
+        for (adapter, spec), merging in zip(self._plan, self._merging, strict=True):
             if spec.weight != 0 and spec.active_at(sigma):
-                target = merged if spec.merge else live
+                target = merged if merging else live
                 target[adapter] = target.get(adapter, 0.0) + spec.weight
         return {a: w for a, w in live.items() if w != 0}, {a: w for a, w in merged.items() if w != 0}
 
@@ -509,15 +480,12 @@ class LoraSession:
         if live == self._live and merged == self._merged:
             return False
         if merged != self._merged:
-            _restore(self._swapped)
+            lora_apply.restore(self._swapped)
             self._merged = {}
             if merged:
-                _merge_into(self._layers, merged, self._swapped)
+                lora_apply.merge_into(self._slots.layers, merged, self._swapped)
             self._merged = merged
-        if live:
-            _activate(self._layers, live)
-        else:
-            _deactivate(self._layers)
+        self._slots.set_live(live)
         self._live = live
         return True
 
@@ -537,8 +505,9 @@ class LoraSession:
     def __exit__(self, exc_type, exc, tb) -> None:
         reg = _registry(self.transformer)
         try:
-            _restore(self._swapped)
-            _deactivate(_tuner_layers(self.transformer))
+            lora_apply.restore(self._swapped)
+            self._slots.put_back()
+            lora_apply.LayerSlots.of(self.transformer).put_back()
             self._live, self._merged = {}, {}
             self._entered = False
             _prune(self.transformer, reg, keep={s.path for s in self.specs})

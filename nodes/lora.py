@@ -77,13 +77,14 @@ class HiDreamI1LoraLoader:
                     },
                 ),
                 "merge_at_boundary": (
-                    "BOOLEAN",
+                    list(lora.MERGE_MODES),
                     {
-                        "default": False,
-                        "tooltip": "Off: the LoRA runs as separate low-rank layers, switched per step (no extra "
-                        "memory, a little extra compute every step). On: when its stage starts, it is merged "
-                        "into a temporary copy of the weights it patches (steps run at plain-model speed; "
-                        "costs one extra copy of those weights). Base weights are restored exactly either way.",
+                        "default": lora.DEFAULT_MERGE,
+                        "tooltip": "on: when its stage starts, the LoRA is merged into a temporary copy of the "
+                        "weights it patches (steps run at plain-model speed; costs one extra copy of those "
+                        "weights). off: it runs as separate low-rank layers switched per step (no extra memory, "
+                        "extra compute every step). auto: on when the weights are 16/32-bit and the copy fits in "
+                        "free memory with 2 GiB to spare, else off. Base weights are restored exactly either way.",
                         "advanced": True,
                     },
                 ),
@@ -97,7 +98,7 @@ class HiDreamI1LoraLoader:
         weight: float,
         stage: str,
         boundary: float,
-        merge_at_boundary: bool = False,
+        merge_at_boundary: str = lora.DEFAULT_MERGE,
     ) -> tuple:
         spec = lora.make_lora_spec(
             lora_name,

@@ -102,6 +102,7 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
         base = TransformerRunner(small).forward(*_inputs())
         with lora.LoraSession(small, [spec]) as session:
             session.on_step(0.5)
+            assert session.merged == {}  # merge_at_boundary auto: fp8 storage cannot take a merge
             patched = TransformerRunner(small).forward(*_inputs())
         after = TransformerRunner(small).forward(*_inputs())
     assert not torch.equal(base, patched)

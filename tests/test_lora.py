@@ -111,7 +111,7 @@ def none_active(model) -> bool:
 
 
 def spec(
-    path: str, weight: float = 1.0, stage: str = "both", boundary: float = 0.875, merge: bool = False
+    path: str, weight: float = 1.0, stage: str = "both", boundary: float = 0.875, merge: str = "off"
 ) -> lora.LoraSpec:
     return lora.LoraSpec(path=str(path), weight=weight, stage=stage, boundary=boundary, merge=merge)
 
@@ -139,7 +139,7 @@ def flow_sigmas_30() -> list[float]:
 # --- numerics -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("merge", ["off", "on"])
 @pytest.mark.parametrize("weight", [1.0, 0.37, -1.5, 4.0])
 def test_in_stage_equals_hand_merge(pristine, base, files, weight, merge):
     want = run(merged(pristine, [(files["sd1"], weight)]))
@@ -147,7 +147,7 @@ def test_in_stage_equals_hand_merge(pristine, base, files, weight, merge):
     assert (want - plain).abs().max() > 1e-3  # the LoRA really changes the output
     with lora.LoraSession(base, [spec(files["f1"], weight, "high", merge=merge)]) as session:
         assert session.on_step(0.9) is True
-        assert session.merged == ({session._plan[0][0]: weight} if merge else {})
+        assert session.merged == ({session._plan[0][0]: weight} if merge == "on" else {})
         got = run(base)
     assert (got - want).abs().max().item() <= 1e-5
 
@@ -155,9 +155,9 @@ def test_in_stage_equals_hand_merge(pristine, base, files, weight, merge):
 def test_merged_and_live_specs_combine(pristine, base, files):
     """A merged spec and live specs of the same and another file, across the boundary."""
     specs = [
-        spec(files["f1"], 0.5, "both", merge=True),
+        spec(files["f1"], 0.5, "both", merge="on"),
         spec(files["f1"], 0.25, "high"),
-        spec(files["f2"], -1.0, "low", merge=True),
+        spec(files["f2"], -1.0, "low", merge="on"),
     ]
     with lora.LoraSession(base, specs) as s:
         a1, a2 = s._plan[0][0], s._plan[2][0]
@@ -172,7 +172,7 @@ def test_merged_and_live_specs_combine(pristine, base, files):
         assert s.on_step(0.4) is False
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("merge", ["off", "on"])
 def test_outside_stage_is_bit_identical(pristine, base, files, merge):
     plain = run(pristine)
     with lora.LoraSession(
@@ -198,7 +198,7 @@ def test_weight_zero_equals_base(pristine, base, files):
         assert torch.equal(run(base), run(pristine))
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("merge", ["off", "on"])
 def test_two_loras_add(pristine, base, files, merge):
     want = run(merged(pristine, [(files["sd1"], 0.8), (files["sd2"], -0.6)]))
     with lora.LoraSession(
@@ -248,7 +248,7 @@ def test_stage_both_every_step_and_boundary_moves_split(base, files):
     assert [i for i, c in enumerate(changed) if c] == [0, 23]
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("merge", ["off", "on"])
 def test_same_file_in_both_stages_with_different_weights(pristine, base, files, monkeypatch, merge):
     reads = []
     real = lora_formats.read_lora_file
@@ -315,7 +315,7 @@ class _Boom(Exception):
     pass
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("merge", ["off", "on"])
 @pytest.mark.parametrize("error", [None, _Boom, Interrupted, KeyboardInterrupt])
 def test_session_leaves_base_untouched(pristine, base, files, error, merge):
     before = base_hash(pristine)
@@ -360,7 +360,7 @@ def test_load_failure_leaves_session_closed(base, files, tmp_path):
         pass
 
 
-@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("merge", ["off", "on"])
 def test_two_branches_equal_their_separate_runs(pristine, base, files, merge):
     root = HiDreamModel(transformer=base, variant="full", dtype=torch.float32, device=torch.device("cpu"))
     a = root.with_lora(spec(files["f1"], 0.9, "high", merge=merge))
@@ -556,7 +556,7 @@ def test_sampler_cancel_restores(pristine, base, files, error):
 
     with pytest.raises(error):
         _sample(
-            base, [spec(files["f1"], 1.0, "high", merge=True), spec(files["f2"], 1.0, "low")], callback=cancel
+            base, [spec(files["f1"], 1.0, "high", merge="on"), spec(files["f2"], 1.0, "low")], callback=cancel
         )
     assert base_hash(base) == before and none_active(base)
     assert torch.equal(_sample(base), _sample(pristine))
@@ -575,7 +575,7 @@ def test_merge_failure_half_way_restores(pristine, base, files, monkeypatch):
     weights = dict(base.named_parameters())
     with (
         pytest.raises(RuntimeError, match="out of memory"),
-        lora.LoraSession(base, [spec(files["f1"], merge=True)]) as s,
+        lora.LoraSession(base, [spec(files["f1"], merge="on")]) as s,
     ):
         monkeypatch.setattr(torch, "addmm", flaky)
         s.on_step(0.5)
@@ -585,3 +585,91 @@ def test_merge_failure_half_way_restores(pristine, base, files, monkeypatch):
         if ".lora_" not in name:
             assert param is weights[name.replace(".base_layer.", ".")]
     assert none_active(base) and torch.equal(run(base), run(pristine))
+
+
+# --- merge_at_boundary auto and idle wrappers ------------------------------------------------
+
+
+def _wrappers_in_tree(model) -> int:
+    return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def test_auto_merges_when_a_copy_fits(pristine, base, files):
+    assert lora.LoraSpec(path=files["f1"], weight=1.0, stage="both").merge == "auto"  # the default
+    with lora.LoraSession(base, [spec(files["f1"], 0.8, "high", merge="auto")]) as s:
+        s.on_step(0.95)
+        assert s.merged == {s._plan[0][0]: 0.8}
+        assert _wrappers_in_tree(base) == 0  # merged and nothing live: plain modules only
+        assert (run(base) - run(merged(pristine, [(files["sd1"], 0.8)]))).abs().max() <= 1e-5
+    assert _wrappers_in_tree(base) > 0 and none_active(base)
+
+
+def test_auto_runs_live_without_room(pristine, base, files, monkeypatch, caplog):
+    from hidream_pack.hidream import devices, lora_apply
+
+    with lora.LoraSession(base, [spec(files["f1"])]) as s:
+        layers = lora_apply.touched(s._slots.layers, [s._plan[0][0]])
+        need = sum(layer.get_base_layer().weight.numel() * 4 for layer in layers)
+    assert need > 0
+    monkeypatch.setattr(devices, "free_memory", lambda device: need + lora_apply.MERGE_RESERVE_BYTES - 1)
+    specs = [spec(files["f1"], 0.8, "high", merge="auto"), spec(files["f2"], 0.5, "high", merge="on")]
+    with caplog.at_level("INFO"), lora.LoraSession(base, specs) as s:
+        s.on_step(0.95)
+        a1, a2 = s._plan[0][0], s._plan[1][0]
+        assert (s.merged, s.active) == ({a2: 0.5}, {a1: 0.8, a2: 0.5})  # "on" still merges
+        want = merged(pristine, [(files["sd1"], 0.8), (files["sd2"], 0.5)])
+        assert (run(base) - run(want)).abs().max() <= 1e-5
+    assert "merge_at_boundary auto: live layers (a merged copy needs" in caplog.text
+    monkeypatch.setattr(devices, "free_memory", lambda device: need + lora_apply.MERGE_RESERVE_BYTES)
+    with lora.LoraSession(base, specs[:1]) as s:
+        s.on_step(0.95)
+        assert s.merged == {s._plan[0][0]: 0.8}
+    monkeypatch.setattr(devices, "free_memory", lambda device: None)
+    with lora.LoraSession(base, specs[:1]) as s:
+        s.on_step(0.95)
+        assert s.merged == {}
+
+
+def test_idle_wrappers_leave_the_forward_path(pristine, base, files):
+    """A step with nothing live runs the base Linears themselves; live steps put wrappers back."""
+    plain_linears = {n: m for n, m in pristine.named_modules() if isinstance(m, torch.nn.Linear)}
+    with lora.LoraSession(base, [spec(files["f1"], 1.0, "high")]) as s:
+        total = len(s._slots.slots)
+        assert total > 0 and _wrappers_in_tree(base) == 0  # entered: nothing acts yet
+        s.on_step(0.95)
+        assert _wrappers_in_tree(base) == total
+        s.on_step(0.5)  # low stage: nothing live
+        assert _wrappers_in_tree(base) == 0
+        assert {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)} == set(plain_linears)
+        assert torch.equal(run(base), run(pristine))
+        s.on_step(0.95)
+        assert _wrappers_in_tree(base) == total
+    assert _wrappers_in_tree(base) == total and none_active(base)
+
+
+def test_wrappers_come_back_after_an_error(base, files):
+    with pytest.raises(_Boom), lora.LoraSession(base, [spec(files["f1"], 1.0, "high")]) as s:
+        s.on_step(0.5)
+        total = len(s._slots.slots)
+        assert total > 0 and _wrappers_in_tree(base) == 0
+        raise _Boom
+    assert _wrappers_in_tree(base) == total and none_active(base)
+
+
+@pytest.mark.parametrize("value", [True, False, "yes", None, "AUTO"])
+def test_bad_merge_mode_names_the_input(files, value):
+    with pytest.raises(ValueError, match=f"merge_at_boundary: {value!r} is not one of auto, on, off"):
+        lora.make_lora_spec(files["f1"], 1.0, merge=value)
+
+
+def test_free_memory_reads_the_os(monkeypatch):
+    import sys
+
+    from hidream_pack.hidream import devices
+
+    with_psutil = devices.free_memory("cpu")
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    from_proc = devices.free_memory("cpu")
+    assert with_psutil > 0 and from_proc > 0
+    assert abs(with_psutil - from_proc) < 0.25 * with_psutil  # same quantity, two readers
+    assert devices.free_memory("meta") is None
