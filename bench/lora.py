@@ -128,7 +128,9 @@ def main() -> None:
     if steps_high + steps_low != args.steps:
         raise SystemExit(f"expected exactly one LoRA active per step, got {active_log}")
     if not all(merged_log):
-        raise SystemExit("merge_at_boundary auto did not merge here; the figures would not be ours-as-default")
+        raise SystemExit(
+            "merge_at_boundary auto did not merge here; the figures would not be ours-as-default"
+        )
 
     modules = dict(plain.named_modules())
 
