@@ -172,3 +172,56 @@ def test_cli_tiny_models_and_demo(tmp_path):
     assert len(pngs) == 1
     with Image.open(pngs[0]) as png:
         assert png.size == (256, 256)
+
+
+@pytest.fixture(scope="module")
+def tiny_loras(tiny_paths):
+    """The stage example's two LoRA files, made for the tiny transformer, in its models/loras."""
+    from test_lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
+
+    folder = tiny_paths["models_dir"] / "loras"
+    folder.mkdir(exist_ok=True)
+    shapes = tiny.build_transformer(0)
+    for seed, name in enumerate(sorted(LORA_FILES.values()), start=31):
+        write_kohya(make_lora(shapes, seed), folder / name)
+    return folder
+
+
+LORA_FILES = {"high": "hidream_composition_lora.safetensors", "low": "hidream_detail_lora.safetensors"}
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])  # auto: merged / live
+def test_lora_stage_workflow_runs_and_each_lora_acts(tiny_paths, tiny_loras, tmp_path, weight_dtype, caplog):
+    graph = load_workflow(ROOT / "workflows" / "hidream_i1_full_lora_stages_api.json")
+    assert [graph[i]["inputs"]["stage"] for i in ("9", "10")] == ["high", "low"]
+    assert [graph[i]["inputs"]["lora_name"] for i in ("9", "10")] == [LORA_FILES["high"], LORA_FILES["low"]]
+    overrides = cli.demo_overrides(tiny_paths)
+    overrides["HiDreamI1Sampler"] = {"width": 160, "height": 128, "steps": 2}  # sigmas 1.0 (high), 0.75 (low)
+    overrides["HiDreamI1ModelLoader"]["weight_dtype"] = weight_dtype
+    graph = cli.apply_overrides(graph, overrides)
+
+    def image(weights: tuple[float, float] | None) -> torch.Tensor:
+        g = json.loads(json.dumps(graph))
+        if weights is None:
+            g["6"]["inputs"]["model"] = ["1", 0]  # the same graph without the LoRA nodes
+        else:
+            g["9"]["inputs"]["weight"], g["10"]["inputs"]["weight"] = weights
+        paths.set_models_dir(tiny_paths["models_dir"])
+        try:
+            return run_api_workflow(g, tmp_path)["7"][0]
+        finally:
+            paths.set_models_dir(None)
+
+    plain = image(None)
+    assert plain.shape == (1, 128, 160, 3)
+    with caplog.at_level("INFO", logger="hidream_pack.hidream.lora"):
+        image((0.5, 0.5))
+    want = (
+        "auto: merge (" if weight_dtype == "default" else "auto: live layers (weights stored as torch.float8"
+    )
+    assert want in caplog.text
+    assert torch.equal(image((0.0, 0.0)), plain)
+    high_only, low_only, both = image((0.8, 0.0)), image((0.0, 1.0)), image((0.8, 1.0))
+    for got in (high_only, low_only, both):
+        assert (got - plain).abs().max() > 1e-3
+    assert (both - high_only).abs().max() > 1e-3 and (both - low_only).abs().max() > 1e-3

@@ -115,6 +115,40 @@ def t2i_graph(
     }
 
 
+# LoRA files the stage example expects in models/loras (replace with your own).
+LORA_FILES = {"high": "hidream_composition_lora.safetensors", "low": "hidream_detail_lora.safetensors"}
+
+
+def lora_stages_graph() -> dict:
+    """The text-to-image graph with two chained LoRAs: one on the high-noise steps, one on the low."""
+    graph = t2i_graph(
+        "A lighthouse on a basalt cliff at dusk, oil painting with heavy impasto",
+        "blurry, low quality",
+        1024,
+        1024,
+        30,
+        5.0,
+        7,
+        "hidream_i1_lora_stages",
+    )
+    previous = ["1", 0]
+    for node_id, (stage, weight) in zip(("9", "10"), (("high", 0.8), ("low", 1.0)), strict=True):
+        graph[node_id] = {
+            "class_type": "HiDreamI1LoraLoader",
+            "inputs": {
+                "model": previous,
+                "lora_name": LORA_FILES[stage],
+                "weight": weight,
+                "stage": stage,
+                "boundary": 0.875,
+                "merge_at_boundary": "auto",
+            },
+        }
+        previous = [node_id, 0]
+    graph["6"]["inputs"]["model"] = previous
+    return graph
+
+
 def _node_types(class_type: str) -> tuple[dict, list[str], list[str]]:
     """(INPUT_TYPES, RETURN_TYPES, RETURN_NAMES) of a pack or core node."""
     pack = load_pack()
@@ -193,7 +227,7 @@ def to_ui(graph: dict) -> dict:
 
 
 def all_workflows() -> dict[str, dict]:
-    """name -> API graph: the basic example plus one per spec example task."""
+    """name -> API graph: the basic example, the LoRA stage example, one per spec example task."""
     flows = {
         "hidream_i1_full_t2i": t2i_graph(
             "A red fox reading a newspaper in a sunlit Paris cafe, photorealistic",
@@ -206,6 +240,7 @@ def all_workflows() -> dict[str, dict]:
             "hidream_i1_full",
         )
     }
+    flows["hidream_i1_full_lora_stages"] = lora_stages_graph()
     for task_file in sorted((WORKFLOWS / "tasks").glob("*.json")):
         task = json.loads(task_file.read_text())
         task = task[0] if isinstance(task, list) else task
