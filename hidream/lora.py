@@ -15,13 +15,14 @@ How it is applied (``LoraSession``, one per sampling call):
   it; a changed file is reloaded. A file used by several specs gets, at each step, the sum of the
   weights of the specs active at that sigma (LoRA is linear in its weight), so the same file may
   sit in both stages with different weights.
-- Each spec either merges or runs live (``merge_at_boundary``: ``on`` / ``off``; the default
-  ``auto`` merges when the patched weights can take it and one copy of them fits in free memory
-  with 2 GiB to spare, else runs live). The choice is made once per session; the log says which.
-- Merged specs: only when the active set changes (at the stage boundary), NEW tensors
-  ``W + weight * alpha/rank * B @ A`` temporarily replace the weights they patch, so steps run at
-  plain-model speed for one extra copy of those weights. The original Parameter objects are put
-  back by reference at the next change and at the end.
+- Each spec either merges (``merge_at_boundary`` ``on`` and the default ``auto``) or runs live
+  (``off``). Merged specs change what the layers compute only when the active set changes (at
+  the stage boundary): as a copy, NEW tensors ``W + weight * alpha/rank * B @ A`` temporarily
+  replace the weights they patch, so steps run at plain-model speed for one extra copy of those
+  weights; the original Parameter objects are put back by reference at the next change and at
+  the end. ``auto`` uses a copy only when it fits in free memory with 2 GiB to spare, else (and
+  always for fp8-stored weights) each patched Linear merges per call, one layer at a time
+  (``hidream.lora_apply``). Decided once per session; the log says which.
 - Live specs: per step, ``on_step(sigma)`` sets which adapters are live and their scales (PEFT
   ``enable_adapters`` / ``set_adapter`` / ``set_scale``; nothing is copied, and nothing at all
   happens on a step whose active set equals the previous one). Costs the low-rank matmuls.
@@ -150,9 +151,10 @@ class LoraSpec:
         name: display name (the widget value or the task's ``model``).
         merge: ``merge_at_boundary``. ``on``: merge this LoRA into temporary copies of the
             weights it patches whenever the active set changes (plain-model speed for one extra
-            copy of those weights); ``off``: run it as live PEFT layers (no extra memory, the
-            low-rank matmuls every step); ``auto`` (default): ``on`` when the weights can take a
-            merge and a copy fits in free memory, else ``off`` (``lora_apply.merge_budget``).
+            copy of those weights; fp8-stored layers merge per call); ``auto`` (default): the
+            same when the copy fits in free memory, else merged per call (one layer at a time,
+            ``lora_apply.choose_merge``); ``off``: run it as live PEFT layers (no extra memory,
+            the low-rank matmuls on every step).
     """
 
     path: str
@@ -411,10 +413,11 @@ class LoraSession:
         self.specs = tuple(specs)
         self._plan: list[tuple[str, LoraSpec]] = []
         self._merging: list[bool] = []  # per plan entry: merged (True) or live adapter
+        self._how = lora_apply.COPY  # how merged entries merge: a copy, or per call
         self._slots = lora_apply.LayerSlots([])
         self._live: dict[str, float] = {}
         self._merged: dict[str, float] = {}
-        self._swapped: dict = {}
+        self._swapped: list = []
         self._entered = False
 
     def __enter__(self) -> LoraSession:
@@ -451,13 +454,13 @@ class LoraSession:
         return self
 
     def _decide_merges(self) -> list[bool]:
-        """Per plan entry: merge it? ``on`` always, ``off`` never, ``auto`` when a copy fits."""
+        """Per plan entry: merged (``on``, ``auto``) or live (``off``); and how merged ones merge:
+        as a copy (``on``; ``auto`` when it fits) or per call (``auto`` without room, fp8)."""
         candidates = {a for a, s in self._plan if s.merge != "off" and s.weight != 0}
-        fits = False
-        if any(s.merge == "auto" for _, s in self._plan):
-            fits, why = lora_apply.merge_budget(lora_apply.touched(self._slots.layers, candidates))
-            log.info("LoRA merge_at_boundary auto: %s (%s)", "merge" if fits else "live layers", why)
-        return [s.merge == "on" or (s.merge == "auto" and fits) for _, s in self._plan]
+        if any(s.merge == "auto" and s.weight != 0 for _, s in self._plan):
+            self._how, why = lora_apply.choose_merge(lora_apply.touched(self._slots.layers, candidates))
+            log.info("LoRA merge_at_boundary auto: merged %s (%s)", self._how, why)
+        return [s.merge != "off" for _, s in self._plan]
 
     def weights_at(self, sigma: float) -> tuple[dict[str, float], dict[str, float]]:
         """(live, merged): adapter -> summed weight of the specs active at ``sigma``, zero sums dropped."""
@@ -483,7 +486,7 @@ class LoraSession:
             lora_apply.restore(self._swapped)
             self._merged = {}
             if merged:
-                lora_apply.merge_into(self._slots.layers, merged, self._swapped)
+                lora_apply.merge_into(self._slots.layers, merged, self._swapped, self._how)
             self._merged = merged
         self._slots.set_live(live)
         self._live = live

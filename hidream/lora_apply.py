@@ -4,17 +4,20 @@ Three tools, used by ``hidream.lora.LoraSession`` at each change of the active s
 
 - Live adapters: PEFT's own ``enable_adapters`` / ``set_adapter`` / ``set_scale`` on each wrapped
   Linear (nothing copied). Costs the low-rank matmuls on every step.
-- Merged adapters: NEW tensors ``W + sum(weight * alpha/rank * B @ A)`` temporarily replace the
-  patched weights; the original Parameter objects are never written and are put back by
-  reference, so restoring is exact. Costs one extra copy of the patched weights while merged.
+- Merged adapters, as a copy: NEW tensors ``W + sum(weight * alpha/rank * B @ A)`` temporarily
+  replace the patched weights; the original Parameter objects are never written and are put
+  back by reference, so restoring is exact. Costs one extra copy of the patched weights.
+- Merged adapters, per call: each patched Linear builds ``W + delta`` for itself at each call
+  and drops it after (one layer's weight of extra memory; one rank-r addmm and a weight-sized
+  write per call). For fp8-stored weights, and when a copy does not fit.
 - Idle wrappers out of the path: a PEFT wrapper with no live adapter still costs a Python call
   and a few checks per forward, which on small layers is several percent of a step. Such
   wrappers are replaced in their parent module by their plain base layer and put back before
   anything else looks at the module tree (``LayerSlots.put_back``).
 
-``merge_budget`` decides whether ``merge_at_boundary: auto`` merges: only when every patched
-weight is a 16/32-bit float (fp8-stored weights cannot take a merge) and one copy of them fits in
-free memory with room to spare.
+``choose_merge`` decides how ``merge_at_boundary: auto`` merges: as a copy only when every
+patched weight is a 16/32-bit float (fp8 storage cannot hold a merge) and one copy of them fits
+in free memory with room to spare; else per call.
 """
 
 from __future__ import annotations
@@ -91,28 +94,57 @@ def mergeable(weight: torch.Tensor) -> bool:
     return weight.dtype.is_floating_point and weight.element_size() >= 2
 
 
-def merge_budget(layers: list[torch.nn.Module]) -> tuple[bool, str]:
-    """(merge?, why) for ``auto``: all patched weights mergeable and one copy fits in free memory."""
+COPY, PER_CALL = "copy", "per call"
+
+
+def choose_merge(layers: list[torch.nn.Module]) -> tuple[str, str]:
+    """(how, why) for ``auto``: ``COPY`` when every patched weight can hold a merge and one copy
+    fits in free memory with ``MERGE_RESERVE_BYTES`` to spare; else ``PER_CALL``."""
     weights = [layer.get_base_layer().weight for layer in layers]
     if not weights:
-        return False, "no layer to patch"
+        return COPY, "no layer to patch"
     stored = {w.dtype for w in weights if not mergeable(w)}
     if stored:
-        return False, f"weights stored as {', '.join(sorted(map(str, stored)))} cannot be merged"
+        return PER_CALL, f"weights stored as {', '.join(sorted(map(str, stored)))}"
     need = sum(w.numel() * w.element_size() for w in weights)
     free = devices.free_memory(weights[0].device)
     if free is None:
-        return False, "free memory on the weights' device is unknown"
-    if need + MERGE_RESERVE_BYTES > free:
-        return False, f"a merged copy needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
-    return True, f"a merged copy needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
+        return PER_CALL, "free memory on the weights' device is unknown"
+    room = f"a merged copy needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
+    return (COPY if need + MERGE_RESERVE_BYTES <= free else PER_CALL), room
 
 
-def merge_into(layers: list, weights: Mapping[str, float], swapped: dict) -> None:
-    """Point each patched Linear at a NEW tensor ``W + sum(delta)``; ``swapped`` keeps the originals.
+class _PerCallForward:
+    """A patched Linear's forward while merged per call: ``W + sum(scale * B @ A)`` is built for
+    this one layer at each call and dropped after it, so memory grows by one layer's weight at
+    most. Used for fp8-stored weights (upcast first, as their own forward does) and when a merged
+    copy of all patched weights does not fit. Same arithmetic as the copy, so the same result."""
 
-    The original Parameter objects are never written, so restoring them (``restore``) is exact.
-    ``swapped`` is filled as it goes, so a failure half-way (e.g. out of memory) still restores.
+    def __init__(self, base: torch.nn.Module, deltas: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        self.base = base
+        self.deltas = deltas
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base.weight
+        if not mergeable(weight):
+            weight = weight.to(x.dtype)
+        for up, down, scale in self.deltas:
+            weight = torch.addmm(weight, up, down, alpha=scale)
+        bias = self.base.bias
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+_NO_FORWARD = object()  # the base layer had no instance-level forward to put back
+
+
+def merge_into(layers: list, weights: Mapping[str, float], swapped: list, how: str = COPY) -> None:
+    """Make each patched Linear compute with ``W + sum(weight * alpha/rank * B @ A)``.
+
+    ``COPY``: point it at a NEW merged tensor (fp8-stored layers fall back to per call).
+    ``PER_CALL``: give it a forward that merges per call (``_PerCallForward``). The original
+    Parameters and forwards are never written, only replaced, so ``restore`` is exact.
+    ``swapped`` (attribute, module, original) is filled as it goes, so a failure half-way
+    (e.g. out of memory) still restores.
     """
     for layer in layers:
         names = [n for n in weights if n in layer.lora_A]
@@ -120,23 +152,31 @@ def merge_into(layers: list, weights: Mapping[str, float], swapped: dict) -> Non
             continue
         base = layer.get_base_layer()
         original = base.weight
-        if not mergeable(original):
-            raise ValueError(
-                f"merge_at_boundary: weights stored as {original.dtype} cannot be merged; "
-                "set merge_at_boundary to auto or off for this model"
-            )
-        merged = original.detach()
+        dtype = original.dtype if mergeable(original) else layer.lora_A[names[0]].weight.dtype
+        deltas = []
         for name in names:
             layer.set_scale(name, weights[name])  # peft's scaling: weight * alpha / rank
-            up = layer.lora_B[name].weight.to(merged.dtype)
-            down = layer.lora_A[name].weight.to(merged.dtype)
-            merged = torch.addmm(merged, up, down, alpha=layer.scaling[name])  # a new tensor
-        swapped[base] = original
-        base.weight = torch.nn.Parameter(merged, requires_grad=False)
+            up = layer.lora_B[name].weight.to(dtype)
+            down = layer.lora_A[name].weight.to(dtype)
+            deltas.append((up, down, layer.scaling[name]))
+        if how == COPY and mergeable(original):
+            merged = original.detach()
+            for up, down, scale in deltas:
+                merged = torch.addmm(merged, up, down, alpha=scale)  # a new tensor
+            swapped.append(("weight", base, original))
+            base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        else:
+            swapped.append(("forward", base, base.__dict__.get("forward", _NO_FORWARD)))
+            base.forward = _PerCallForward(base, deltas)
 
 
-def restore(swapped: dict) -> None:
-    """Put the original weight Parameters back (by reference: exact)."""
-    for base, original in swapped.items():
-        base.weight = original
-    swapped.clear()
+def restore(swapped: list) -> None:
+    """Put the original weight Parameters and forwards back (by reference: exact), newest first."""
+    while swapped:
+        attribute, base, original = swapped.pop()
+        if attribute == "weight":
+            base.weight = original
+        elif original is _NO_FORWARD:
+            del base.forward
+        else:
+            base.forward = original

@@ -80,11 +80,12 @@ class HiDreamI1LoraLoader:
                     list(lora.MERGE_MODES),
                     {
                         "default": lora.DEFAULT_MERGE,
-                        "tooltip": "on: when its stage starts, the LoRA is merged into a temporary copy of the "
-                        "weights it patches (steps run at plain-model speed; costs one extra copy of those "
-                        "weights). off: it runs as separate low-rank layers switched per step (no extra memory, "
-                        "extra compute every step). auto: on when the weights are 16/32-bit and the copy fits in "
-                        "free memory with 2 GiB to spare, else off. Base weights are restored exactly either way.",
+                        "tooltip": "How the LoRA acts during its stage. on: merged into a temporary copy of the "
+                        "weights it patches when its stage starts (plain-model speed; one extra copy of those "
+                        "weights; fp8-stored weights merge per call instead). auto: like on when that copy fits "
+                        "in free memory with 2 GiB to spare, else merged per call, one layer at a time (little "
+                        "extra memory, a small cost per step). off: separate low-rank layers switched per step "
+                        "(no extra memory, the most extra compute). Base weights are restored exactly.",
                         "advanced": True,
                     },
                 ),

@@ -102,10 +102,14 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
         base = TransformerRunner(small).forward(*_inputs())
         with lora.LoraSession(small, [spec]) as session:
             session.on_step(0.5)
-            assert session.merged == {}  # merge_at_boundary auto: fp8 storage cannot take a merge
+            assert session._how == "per call"  # merge_at_boundary auto: fp8 storage cannot hold a copy
             patched = TransformerRunner(small).forward(*_inputs())
         after = TransformerRunner(small).forward(*_inputs())
+        with lora.LoraSession(small, [lora.LoraSpec(str(path), 1.0, "both", merge="off")]) as session:
+            session.on_step(0.5)
+            live = TransformerRunner(small).forward(*_inputs())
     assert not torch.equal(base, patched)
+    assert (patched - live).abs().max() <= 1e-5 * live.abs().max()  # per-call merge == live adapters
     assert torch.equal(base, after)
     stored = [
         m

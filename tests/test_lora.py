@@ -604,30 +604,37 @@ def test_auto_merges_when_a_copy_fits(pristine, base, files):
     assert _wrappers_in_tree(base) > 0 and none_active(base)
 
 
-def test_auto_runs_live_without_room(pristine, base, files, monkeypatch, caplog):
+def test_auto_merges_per_call_without_room(pristine, base, files, monkeypatch, caplog):
     from hidream_pack.hidream import devices, lora_apply
 
     with lora.LoraSession(base, [spec(files["f1"])]) as s:
         layers = lora_apply.touched(s._slots.layers, [s._plan[0][0]])
         need = sum(layer.get_base_layer().weight.numel() * 4 for layer in layers)
     assert need > 0
+    weights = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
     monkeypatch.setattr(devices, "free_memory", lambda device: need + lora_apply.MERGE_RESERVE_BYTES - 1)
     specs = [spec(files["f1"], 0.8, "high", merge="auto"), spec(files["f2"], 0.5, "high", merge="on")]
     with caplog.at_level("INFO"), lora.LoraSession(base, specs) as s:
         s.on_step(0.95)
         a1, a2 = s._plan[0][0], s._plan[1][0]
-        assert (s.merged, s.active) == ({a2: 0.5}, {a1: 0.8, a2: 0.5})  # "on" still merges
+        assert (s.merged, s.active) == ({a1: 0.8, a2: 0.5}, {a1: 0.8, a2: 0.5})
+        for name, param in base.named_parameters():  # no copy: the original weights compute
+            assert param is weights[name]
+        per_call = run(base)
         want = merged(pristine, [(files["sd1"], 0.8), (files["sd2"], 0.5)])
-        assert (run(base) - run(want)).abs().max() <= 1e-5
-    assert "merge_at_boundary auto: live layers (a merged copy needs" in caplog.text
+        assert (per_call - run(want)).abs().max() <= 1e-5
+        s.on_step(0.5)
+        assert torch.equal(run(base), run(pristine))
+    assert "merge_at_boundary auto: merged per call (a merged copy needs" in caplog.text
+    assert none_active(base) and all("forward" not in m.__dict__ for m in base.modules())
     monkeypatch.setattr(devices, "free_memory", lambda device: need + lora_apply.MERGE_RESERVE_BYTES)
-    with lora.LoraSession(base, specs[:1]) as s:
+    with lora.LoraSession(base, specs) as s:
         s.on_step(0.95)
-        assert s.merged == {s._plan[0][0]: 0.8}
+        assert not all(param is weights[name] for name, param in base.named_parameters())  # a copy
+        assert torch.equal(run(base), per_call)  # the same arithmetic either way
     monkeypatch.setattr(devices, "free_memory", lambda device: None)
     with lora.LoraSession(base, specs[:1]) as s:
-        s.on_step(0.95)
-        assert s.merged == {}
+        assert s._how == lora_apply.PER_CALL
 
 
 def test_idle_wrappers_leave_the_forward_path(pristine, base, files):

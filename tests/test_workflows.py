@@ -190,7 +190,7 @@ def tiny_loras(tiny_paths):
 LORA_FILES = {"high": "hidream_composition_lora.safetensors", "low": "hidream_detail_lora.safetensors"}
 
 
-@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])  # auto: merged / live
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])  # auto: a copy / per call
 def test_lora_stage_workflow_runs_and_each_lora_acts(tiny_paths, tiny_loras, tmp_path, weight_dtype, caplog):
     graph = load_workflow(ROOT / "workflows" / "hidream_i1_full_lora_stages_api.json")
     assert [graph[i]["inputs"]["stage"] for i in ("9", "10")] == ["high", "low"]
@@ -217,7 +217,9 @@ def test_lora_stage_workflow_runs_and_each_lora_acts(tiny_paths, tiny_loras, tmp
     with caplog.at_level("INFO", logger="hidream_pack.hidream.lora"):
         image((0.5, 0.5))
     want = (
-        "auto: merge (" if weight_dtype == "default" else "auto: live layers (weights stored as torch.float8"
+        "auto: merged copy ("
+        if weight_dtype == "default"
+        else "auto: merged per call (weights stored as torch.float8"
     )
     assert want in caplog.text
     assert torch.equal(image((0.0, 0.0)), plain)
