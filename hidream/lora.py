@@ -307,6 +307,17 @@ class _Registry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: bool = False
     counter: int = 0
+    # Wrappers a session took out of the module tree, until all are back: kept here, not only on
+    # the session, so an interrupt half-way through putting them back cannot lose them.
+    bypassed: lora_apply.LayerSlots | None = None
+
+
+def _put_back(reg: _Registry, transformer: torch.nn.Module) -> None:
+    """Every wrapper back in the tree (also those an interrupted session left out), none active."""
+    if reg.bypassed is not None:
+        reg.bypassed.put_back()
+        reg.bypassed = None
+    lora_apply.LayerSlots.of(transformer).put_back()  # a freshly loaded adapter may be active
 
 
 _registries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -393,6 +404,7 @@ def release_unused(transformer: torch.nn.Module) -> None:
     with reg.lock:
         if reg.open:
             return
+        _put_back(reg, transformer)
         _prune(transformer, reg, keep=set())
 
 
@@ -412,11 +424,11 @@ class LoraSession:
         self.transformer = transformer
         self.specs = tuple(specs)
         self._plan: list[tuple[str, LoraSpec]] = []
-        self._merging: list[bool] = []  # per plan entry: merged (True) or live adapter
-        self._how = lora_apply.COPY  # how merged entries merge: a copy, or per call
+        self._merging: list[str | None] = []  # per plan entry: None (live), COPY or PER_CALL
+        self._how = lora_apply.COPY  # how ``auto`` entries merge this session
         self._slots = lora_apply.LayerSlots([])
         self._live: dict[str, float] = {}
-        self._merged: dict[str, float] = {}
+        self._merged: dict[str, dict[str, float]] = {}  # how -> adapter -> weight
         self._swapped: list = []
         self._entered = False
 
@@ -429,6 +441,8 @@ class LoraSession:
                 )
             reg.open = True
         try:
+            _put_back(reg, self.transformer)  # recovers wrappers an interrupted session left out
+            self._plan = []
             keep = {s.path for s in self.specs}
             for spec in self.specs:
                 key = FileKey.of(spec.path)
@@ -442,35 +456,40 @@ class LoraSession:
                     )
                 self._plan.append((entry.adapter, spec))
             _prune(self.transformer, reg, keep)
-            self._slots = lora_apply.LayerSlots.of(self.transformer)
+            self._slots = reg.bypassed = lora_apply.LayerSlots.of(self.transformer)
             self._slots.set_live({})  # nothing acts before the first step: plain modules only
             self._merging = self._decide_merges()
         except BaseException:
-            lora_apply.LayerSlots.of(self.transformer).put_back()
-            reg.open = False
+            try:
+                _put_back(reg, self.transformer)
+            finally:
+                reg.open = False
             raise
         self._live, self._merged = {}, {}
         self._entered = True
         return self
 
-    def _decide_merges(self) -> list[bool]:
-        """Per plan entry: merged (``on``, ``auto``) or live (``off``); and how merged ones merge:
-        as a copy (``on``; ``auto`` when it fits) or per call (``auto`` without room, fp8)."""
+    def _decide_merges(self) -> list[str | None]:
+        """Per plan entry: live (``off``), a merged copy (``on``; fp8 layers fall back to per call)
+        or, for ``auto``, a copy when the copies of all merged layers fit in memory, else per call."""
         candidates = {a for a, s in self._plan if s.merge != "off" and s.weight != 0}
         if any(s.merge == "auto" and s.weight != 0 for _, s in self._plan):
             self._how, why = lora_apply.choose_merge(lora_apply.touched(self._slots.layers, candidates))
             log.info("LoRA merge_at_boundary auto: merged %s (%s)", self._how, why)
-        return [s.merge != "off" for _, s in self._plan]
+        how = {"off": None, "on": lora_apply.COPY, "auto": self._how}
+        return [how[s.merge] for _, s in self._plan]
 
-    def weights_at(self, sigma: float) -> tuple[dict[str, float], dict[str, float]]:
-        """(live, merged): adapter -> summed weight of the specs active at ``sigma``, zero sums dropped."""
+    def weights_at(self, sigma: float) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """(live, merged): adapter -> summed weight of the specs active at ``sigma``; merged ones
+        grouped by how they merge (COPY / PER_CALL). Zero sums and empty groups are dropped."""
         live: dict[str, float] = {}
-        merged: dict[str, float] = {}
-        for (adapter, spec), merging in zip(self._plan, self._merging, strict=True):
+        merged: dict[str, dict[str, float]] = {}
+        for (adapter, spec), how in zip(self._plan, self._merging, strict=True):
             if spec.weight != 0 and spec.active_at(sigma):
-                target = merged if merging else live
+                target = live if how is None else merged.setdefault(how, {})
                 target[adapter] = target.get(adapter, 0.0) + spec.weight
-        return {a: w for a, w in live.items() if w != 0}, {a: w for a, w in merged.items() if w != 0}
+        merged = {h: {a: w for a, w in g.items() if w != 0} for h, g in merged.items()}
+        return {a: w for a, w in live.items() if w != 0}, {h: g for h, g in merged.items() if g}
 
     def on_step(self, sigma: float) -> bool:
         """Activate the adapters for this step; True when the active set or weights changed."""
@@ -485,8 +504,9 @@ class LoraSession:
         if merged != self._merged:
             lora_apply.restore(self._swapped)
             self._merged = {}
-            if merged:
-                lora_apply.merge_into(self._slots.layers, merged, self._swapped, self._how)
+            for how in (lora_apply.COPY, lora_apply.PER_CALL):  # per call adds to the copy
+                if how in merged:
+                    lora_apply.merge_into(self._slots.layers, merged[how], self._swapped, how)
             self._merged = merged
         self._slots.set_live(live)
         self._live = live
@@ -496,21 +516,24 @@ class LoraSession:
     def active(self) -> dict[str, float]:
         """Adapter -> total weight acting now, live and merged (a copy)."""
         total = dict(self._live)
-        for adapter, weight in self._merged.items():
+        for adapter, weight in self.merged.items():
             total[adapter] = total.get(adapter, 0.0) + weight
         return total
 
     @property
     def merged(self) -> dict[str, float]:
-        """Adapter -> weight currently merged into temporary weights (a copy)."""
-        return dict(self._merged)
+        """Adapter -> weight currently merged, as a copy or per call (a copy)."""
+        total: dict[str, float] = {}
+        for group in self._merged.values():
+            for adapter, weight in group.items():
+                total[adapter] = total.get(adapter, 0.0) + weight
+        return total
 
     def __exit__(self, exc_type, exc, tb) -> None:
         reg = _registry(self.transformer)
         try:
             lora_apply.restore(self._swapped)
-            self._slots.put_back()
-            lora_apply.LayerSlots.of(self.transformer).put_back()
+            _put_back(reg, self.transformer)
             self._live, self._merged = {}, {}
             self._entered = False
             _prune(self.transformer, reg, keep={s.path for s in self.specs})

@@ -117,8 +117,9 @@ def choose_merge(layers: list[torch.nn.Module]) -> tuple[str, str]:
 class _PerCallForward:
     """A patched Linear's forward while merged per call: ``W + sum(scale * B @ A)`` is built for
     this one layer at each call and dropped after it, so memory grows by one layer's weight at
-    most. Used for fp8-stored weights (upcast first, as their own forward does) and when a merged
-    copy of all patched weights does not fit. Same arithmetic as the copy, so the same result."""
+    most (two for fp8-stored weights: the upcast and the sum). Used for fp8-stored weights (upcast
+    first, as their own forward does) and when a merged copy of all patched weights does not
+    fit. Same arithmetic as the copy, so the same result."""
 
     def __init__(self, base: torch.nn.Module, deltas: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         self.base = base
@@ -166,17 +167,21 @@ def merge_into(layers: list, weights: Mapping[str, float], swapped: list, how: s
             swapped.append(("weight", base, original))
             base.weight = torch.nn.Parameter(merged, requires_grad=False)
         else:
-            swapped.append(("forward", base, base.__dict__.get("forward", _NO_FORWARD)))
+            previous = base.__dict__.get("forward", _NO_FORWARD)
+            if isinstance(previous, _PerCallForward):  # fp8 layer of an ``on`` copy: add, not replace
+                deltas = previous.deltas + deltas
+            swapped.append(("forward", base, previous))
             base.forward = _PerCallForward(base, deltas)
 
 
 def restore(swapped: list) -> None:
     """Put the original weight Parameters and forwards back (by reference: exact), newest first."""
     while swapped:
-        attribute, base, original = swapped.pop()
+        attribute, base, original = swapped[-1]  # popped only once restored: an interrupt loses nothing
         if attribute == "weight":
             base.weight = original
         elif original is _NO_FORWARD:
-            del base.forward
+            base.__dict__.pop("forward", None)
         else:
             base.forward = original
+        swapped.pop()

@@ -110,6 +110,18 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
             live = TransformerRunner(small).forward(*_inputs())
     assert not torch.equal(base, patched)
     assert (patched - live).abs().max() <= 1e-5 * live.abs().max()  # per-call merge == live adapters
+    two = write_kohya(make_lora(pristine, 22), tmp_path / "two.safetensors")
+    results = []
+    for merges in (("on", "auto"), ("off", "off")):  # on + auto stack two per-call deltas on fp8
+        specs = [
+            lora.LoraSpec(str(p), w, "both", merge=m)
+            for p, w, m in zip((path, two), (1.0, -0.5), merges, strict=True)
+        ]
+        with torch.no_grad(), lora.LoraSession(small, specs) as session:
+            session.on_step(0.5)
+            results.append(TransformerRunner(small).forward(*_inputs()))
+    assert (results[0] - results[1]).abs().max() <= 1e-5 * results[1].abs().max()
+    assert not torch.equal(results[0], patched)
     assert torch.equal(base, after)
     stored = [
         m

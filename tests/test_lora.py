@@ -613,7 +613,7 @@ def test_auto_merges_per_call_without_room(pristine, base, files, monkeypatch, c
     assert need > 0
     weights = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
     monkeypatch.setattr(devices, "free_memory", lambda device: need + lora_apply.MERGE_RESERVE_BYTES - 1)
-    specs = [spec(files["f1"], 0.8, "high", merge="auto"), spec(files["f2"], 0.5, "high", merge="on")]
+    specs = [spec(files["f1"], 0.8, "high", merge="auto"), spec(files["f2"], 0.5, "high", merge="auto")]
     with caplog.at_level("INFO"), lora.LoraSession(base, specs) as s:
         s.on_step(0.95)
         a1, a2 = s._plan[0][0], s._plan[1][0]
@@ -635,6 +635,14 @@ def test_auto_merges_per_call_without_room(pristine, base, files, monkeypatch, c
     monkeypatch.setattr(devices, "free_memory", lambda device: None)
     with lora.LoraSession(base, specs[:1]) as s:
         assert s._how == lora_apply.PER_CALL
+        mixed = [specs[0], spec(files["f2"], 0.5, "high", merge="on")]  # on: a copy regardless
+    with lora.LoraSession(base, mixed) as s:
+        s.on_step(0.95)
+        assert s._merging == [lora_apply.PER_CALL, lora_apply.COPY]
+        assert not all(param is weights[name] for name, param in base.named_parameters())
+        assert any("forward" in m.__dict__ for m in base.modules())
+        assert (run(base) - run(want)).abs().max() <= 1e-5  # the per-call delta adds onto the copy
+    assert all("forward" not in m.__dict__ for m in base.modules())
 
 
 def test_idle_wrappers_leave_the_forward_path(pristine, base, files):
@@ -680,3 +688,45 @@ def test_free_memory_reads_the_os(monkeypatch):
     assert with_psutil > 0 and from_proc > 0
     assert abs(with_psutil - from_proc) < 0.25 * with_psutil  # same quantity, two readers
     assert devices.free_memory("meta") is None
+
+
+def test_interrupted_enter_or_exit_loses_no_wrapper(pristine, base, files, monkeypatch):
+    """Wrappers taken out of the tree are recorded per transformer, so a failure or an interrupt
+    while they are out (enter, exit) is repaired by the next session."""
+    from hidream_pack.hidream import devices, lora_apply
+
+    want = run(merged(pristine, [(files["sd1"], 1.0)]))
+
+    def check_next_session_applies() -> None:
+        with lora.LoraSession(base, [spec(files["f1"], 1.0, "both", merge="off")]) as s:
+            s.on_step(0.5)
+            assert (run(base) - want).abs().max() <= 1e-5
+            total = len(s._slots.slots)
+        assert total > 0 and _wrappers_in_tree(base) == total and none_active(base)
+
+    def broken(device):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    monkeypatch.setattr(devices, "free_memory", broken)
+    with (
+        pytest.raises(RuntimeError, match="CUDA error"),
+        lora.LoraSession(base, [spec(files["f1"], merge="auto")]),
+    ):
+        pass
+    monkeypatch.undo()
+    check_next_session_applies()
+
+    real_install, calls = lora_apply._install, []
+
+    def interrupted(parent, name, module):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_install(parent, name, module)
+
+    with pytest.raises(KeyboardInterrupt), lora.LoraSession(base, [spec(files["f1"], 1.0, "high")]) as s:
+        s.on_step(0.5)  # low stage: every wrapper is out of the tree
+        monkeypatch.setattr(lora_apply, "_install", interrupted)
+    monkeypatch.undo()
+    assert len(calls) == 3 and 0 < _wrappers_in_tree(base) < len(s._slots.slots)
+    check_next_session_applies()
