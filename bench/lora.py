@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="2 timed repeats instead of 4")
+    parser.add_argument("--quick", action="store_true", help="3 timed repeats instead of 5")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
@@ -178,8 +178,10 @@ def main() -> None:
     }
     best = dict.fromkeys(variants, float("inf"))
     cpu = dict.fromkeys(variants, float("inf"))  # CPU time: a cross-check that other load cannot inflate
-    for _ in range(2 if args.quick else 4):
-        for key, fn in variants.items():  # interleaved, so machine noise hits all three alike
+    order = list(variants.items())
+    for repeat in range(3 if args.quick else 5):
+        # interleaved, so machine noise hits all alike; the order flips each repeat (no position bias)
+        for key, fn in order if repeat % 2 else order[::-1]:
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             best[key] = min(best[key], time.perf_counter() - start)

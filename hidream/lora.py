@@ -312,12 +312,14 @@ class _Registry:
     bypassed: lora_apply.LayerSlots | None = None
 
 
-def _put_back(reg: _Registry, transformer: torch.nn.Module) -> None:
-    """Every wrapper back in the tree (also those an interrupted session left out), none active."""
+def _put_back(reg: _Registry, transformer: torch.nn.Module | None = None) -> None:
+    """Every wrapper a session took out back in the tree, none active; with ``transformer``,
+    also disable every wrapper in its tree (a freshly loaded adapter may be active)."""
     if reg.bypassed is not None:
         reg.bypassed.put_back()
         reg.bypassed = None
-    lora_apply.LayerSlots.of(transformer).put_back()  # a freshly loaded adapter may be active
+    if transformer is not None:
+        lora_apply.LayerSlots.of(transformer).put_back()
 
 
 _registries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -441,7 +443,7 @@ class LoraSession:
                 )
             reg.open = True
         try:
-            _put_back(reg, self.transformer)  # recovers wrappers an interrupted session left out
+            _put_back(reg)  # recovers wrappers an interrupted session left out
             self._plan = []
             keep = {s.path for s in self.specs}
             for spec in self.specs:
@@ -533,7 +535,7 @@ class LoraSession:
         reg = _registry(self.transformer)
         try:
             lora_apply.restore(self._swapped)
-            _put_back(reg, self.transformer)
+            _put_back(reg)  # the session's slots hold every wrapper: all were in the tree at enter
             self._live, self._merged = {}, {}
             self._entered = False
             _prune(self.transformer, reg, keep={s.path for s in self.specs})

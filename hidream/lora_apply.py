@@ -58,24 +58,26 @@ class LayerSlots:
         return [layer for _, _, layer in self.slots]
 
     def set_live(self, weights: Mapping[str, float]) -> None:
-        """Make exactly ``weights`` (adapter -> weight) the live adapters; bypass idle wrappers."""
+        """Make exactly ``weights`` (adapter -> weight) the live adapters; bypass idle wrappers
+        (out of the tree their enabled flag is irrelevant; ``put_back`` clears it)."""
         for parent, name, layer in self.slots:
             names = [n for n in weights if n in layer.lora_A]
             if names:
-                layer.enable_adapters(True)
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
                 layer.set_adapter(names, inference_mode=True)
                 for adapter in names:
                     layer.set_scale(adapter, weights[adapter])
                 _install(parent, name, layer)
             else:
-                layer.enable_adapters(False)
                 _install(parent, name, layer.get_base_layer())
 
     def put_back(self) -> None:
         """Every wrapper back in its parent, all adapters disabled (the state outside a session)."""
         for parent, name, layer in self.slots:
             _install(parent, name, layer)
-            layer.enable_adapters(False)
+            if not layer.disable_adapters:
+                layer.enable_adapters(False)
 
 
 def _install(parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
