@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads(1)
     load_pack()
-    from hidream_pack.hidream import devices, lora, lora_apply  # type: ignore[import-not-found]
+    from hidream_pack.hidream import devices, lora, lora_apply, lora_spec  # type: ignore[import-not-found]
     from hidream_pack.hidream.sampling import SampleSettings, sample_latents  # type: ignore[import-not-found]
     from hidream_pack.hidream.schedulers import SchedulerSpec  # type: ignore[import-not-found]
 
@@ -98,15 +98,15 @@ def main() -> None:
 
     def handle(merge: str):
         specs = [
-            lora.LoraSpec(path=str(tmp / "high.safetensors"), weight=1.0, stage="high", merge=merge),
-            lora.LoraSpec(path=str(tmp / "low.safetensors"), weight=1.0, stage="low", merge=merge),
+            lora_spec.LoraSpec(path=str(tmp / "high.safetensors"), weight=1.0, stage="high", merge=merge),
+            lora_spec.LoraSpec(path=str(tmp / "low.safetensors"), weight=1.0, stage="low", merge=merge),
         ]
         h = model_handle(transformer)
         for spec in specs:
             h = h.with_lora(spec)
         return h
 
-    ours, live = handle(lora.DEFAULT_MERGE), handle("off")
+    ours, live = handle(lora_spec.DEFAULT_MERGE), handle("off")
 
     # Count the steps each LoRA is active in a real run (first image), from the session itself.
     active_log: list[dict] = []

@@ -29,7 +29,7 @@ class HiDreamModel:
         device: compute device.
         offload: when True the weights live on the CPU and move to ``device`` only while
             sampling (for 24 GB cards).
-        loras: LoRA specs (``hidream.lora.LoraSpec``), applied in order.
+        loras: LoRA specs (``hidream.lora_spec.LoraSpec``), applied in order.
         caches: cache configs (``hidream.cache`` configs), at most one block cache plus
             optionally TeaCache.
         source: where the weights came from, for logs and errors.

@@ -65,7 +65,7 @@ def prepare(
     task: Task, models: TaskModels, lora_resolver: Callable[[str], Any] | None = None
 ) -> PreparedTask:
     """Check everything a task needs and build the patched model handle (no model work)."""
-    from .lora import lora_spec_from_task
+    from .lora_spec import lora_spec_from_task
 
     model = models.model
     for i, entry in enumerate(task.lora):

@@ -6,7 +6,7 @@ here: the file is read into the shared transformer, once, by the sampler's LoRA 
 
 from __future__ import annotations
 
-from ..hidream import lora
+from ..hidream import lora_spec
 
 
 def _lora_names() -> list[str]:
@@ -32,7 +32,7 @@ class HiDreamI1LoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        lo, hi = lora.WEIGHT_RANGE
+        lo, hi = lora_spec.WEIGHT_RANGE
         return {
             "required": {
                 "model": (
@@ -55,9 +55,9 @@ class HiDreamI1LoraLoader:
                     },
                 ),
                 "stage": (
-                    list(lora.STAGES),
+                    list(lora_spec.STAGES),
                     {
-                        "default": lora.DEFAULT_STAGE,
+                        "default": lora_spec.DEFAULT_STAGE,
                         "tooltip": "Runware lora.transformer. high: only steps with sigma >= boundary (early, "
                         "coarse structure); low: only steps with sigma < boundary (late, fine detail); both: "
                         "every step.",
@@ -66,7 +66,7 @@ class HiDreamI1LoraLoader:
                 "boundary": (
                     "FLOAT",
                     {
-                        "default": lora.DEFAULT_BOUNDARY,
+                        "default": lora_spec.DEFAULT_BOUNDARY,
                         "min": 0.001,
                         "max": 0.999,
                         "step": 0.001,
@@ -77,9 +77,9 @@ class HiDreamI1LoraLoader:
                     },
                 ),
                 "merge_at_boundary": (
-                    list(lora.MERGE_MODES),
+                    list(lora_spec.MERGE_MODES),
                     {
-                        "default": lora.DEFAULT_MERGE,
+                        "default": lora_spec.DEFAULT_MERGE,
                         "tooltip": "How the LoRA acts during its stage. on: merged into a temporary copy of the "
                         "weights it patches when its stage starts (plain-model speed; one extra copy of those "
                         "weights; fp8-stored weights merge per call instead). auto: like on when that copy fits "
@@ -99,14 +99,14 @@ class HiDreamI1LoraLoader:
         weight: float,
         stage: str,
         boundary: float,
-        merge_at_boundary: str = lora.DEFAULT_MERGE,
+        merge_at_boundary: str = lora_spec.DEFAULT_MERGE,
     ) -> tuple:
-        spec = lora.make_lora_spec(
+        spec = lora_spec.make_lora_spec(
             lora_name,
             weight,
             stage,
             boundary,
-            resolve=lora.folder_resolver("lora_name"),
+            resolve=lora_spec.folder_resolver("lora_name"),
             merge=merge_at_boundary,
         )
         return (model.with_lora(spec),)

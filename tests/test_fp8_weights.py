@@ -84,7 +84,7 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
     import copy
 
     from diffusers import HiDreamImageTransformer2DModel
-    from hidream_pack.hidream import lora
+    from hidream_pack.hidream import lora, lora_spec
     from test_lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
         ):
             module.weight = torch.nn.Parameter(fp8.to_storage(module.weight.data, None), requires_grad=False)
     fp8.enable_fp8_linears(small)
-    spec = lora.LoraSpec(path=str(path), weight=1.0, stage="both")
+    spec = lora_spec.LoraSpec(path=str(path), weight=1.0, stage="both")
     with torch.no_grad():
         base = TransformerRunner(small).forward(*_inputs())
         with lora.LoraSession(small, [spec]) as session:
@@ -105,7 +105,7 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
             assert session._how == "per call"  # merge_at_boundary auto: fp8 storage cannot hold a copy
             patched = TransformerRunner(small).forward(*_inputs())
         after = TransformerRunner(small).forward(*_inputs())
-        with lora.LoraSession(small, [lora.LoraSpec(str(path), 1.0, "both", merge="off")]) as session:
+        with lora.LoraSession(small, [lora_spec.LoraSpec(str(path), 1.0, "both", merge="off")]) as session:
             session.on_step(0.5)
             live = TransformerRunner(small).forward(*_inputs())
     assert not torch.equal(base, patched)
@@ -114,7 +114,7 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
     results = []
     for merges in (("on", "auto"), ("off", "off")):  # on + auto stack two per-call deltas on fp8
         specs = [
-            lora.LoraSpec(str(p), w, "both", merge=m)
+            lora_spec.LoraSpec(str(p), w, "both", merge=m)
             for p, w, m in zip((path, two), (1.0, -0.5), merges, strict=True)
         ]
         with torch.no_grad(), lora.LoraSession(small, specs) as session:

@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel, UniPCMultistepScheduler
-from hidream_pack.hidream import lora, lora_formats, paths, tiny
+from hidream_pack.hidream import lora, lora_formats, lora_spec, paths, tiny
 from hidream_pack.hidream.handle import HiDreamModel
 from hidream_pack.hidream.progress import Interrupted
 from hidream_pack.nodes.lora import HiDreamI1LoraLoader
@@ -112,8 +112,8 @@ def none_active(model) -> bool:
 
 def spec(
     path: str, weight: float = 1.0, stage: str = "both", boundary: float = 0.875, merge: str = "off"
-) -> lora.LoraSpec:
-    return lora.LoraSpec(path=str(path), weight=weight, stage=stage, boundary=boundary, merge=merge)
+) -> lora_spec.LoraSpec:
+    return lora_spec.LoraSpec(path=str(path), weight=weight, stage=stage, boundary=boundary, merge=merge)
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +214,9 @@ def test_two_loras_add(pristine, base, files, merge):
 
 def test_stage_gating_exact_steps(base, files):
     sigmas = flow_sigmas_30()
-    assert lora.stage_steps(sigmas, "high") == list(range(10))
-    assert lora.stage_steps(sigmas, "low") == list(range(10, 30))
-    assert lora.stage_steps(sigmas, "both") == list(range(30))
+    assert lora_spec.stage_steps(sigmas, "high") == list(range(10))
+    assert lora_spec.stage_steps(sigmas, "low") == list(range(10, 30))
+    assert lora_spec.stage_steps(sigmas, "both") == list(range(30))
     specs = [spec(files["f1"], 0.5, "high"), spec(files["f2"], -1.0, "low")]
     with lora.LoraSession(base, specs) as s:
         high, low = s._plan[0][0], s._plan[1][0]
@@ -405,9 +405,9 @@ def test_two_branches_equal_their_separate_runs(pristine, base, files, merge):
 )
 def test_bad_values_name_the_input(files, weight, stage, boundary, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        lora.make_lora_spec(files["f1"], weight, stage, boundary)
+        lora_spec.make_lora_spec(files["f1"], weight, stage, boundary)
     with pytest.raises((ValueError, TypeError), match=match):
-        lora.LoraSpec(path=files["f1"], weight=weight, stage=stage, boundary=boundary)
+        lora_spec.LoraSpec(path=files["f1"], weight=weight, stage=stage, boundary=boundary)
 
 
 @pytest.fixture
@@ -432,17 +432,17 @@ class _MakeDir:
 
 
 def test_bad_files_name_the_input(models_dir, base):
-    resolve = lora.folder_resolver("lora_name")
+    resolve = lora_spec.folder_resolver("lora_name")
     with pytest.raises(ValueError, match="lora_name: file 'missing.safetensors' not found in loras/"):
-        lora.make_lora_spec("missing.safetensors", 1.0, resolve=resolve)
+        lora_spec.make_lora_spec("missing.safetensors", 1.0, resolve=resolve)
     with pytest.raises(ValueError, match="lora_name: 'evil.ckpt' is not a .safetensors file"):
-        lora.make_lora_spec("evil.ckpt", 1.0, resolve=resolve)
+        lora_spec.make_lora_spec("evil.ckpt", 1.0, resolve=resolve)
     with pytest.raises(ValueError, match="lora_name: 'evil.ckpt' is not a .safetensors file"):
         lora_formats.read_lora_file(models_dir / "loras" / "evil.ckpt", field="lora_name")
     assert not (models_dir / "unpickled").exists()  # refused unread
     with pytest.raises(ValueError, match="lora_name: 'x' is not an absolute path"):
-        lora.make_lora_spec("x", 1.0)
-    garbage = lora.make_lora_spec("garbage.safetensors", 1.0, resolve=resolve)
+        lora_spec.make_lora_spec("x", 1.0)
+    garbage = lora_spec.make_lora_spec("garbage.safetensors", 1.0, resolve=resolve)
     session = lora.LoraSession(base, [garbage])
     with (
         pytest.raises(ValueError, match="lora_name: 'garbage.safetensors' is not a readable .safetensors"),
@@ -462,7 +462,7 @@ def test_node_returns_new_handle(models_dir, base):
     (out,) = HiDreamI1LoraLoader().apply(root, "one.safetensors", 0.5, "low", 0.9)
     (out2,) = HiDreamI1LoraLoader().apply(out, "one.safetensors", 1.0, "high", 0.875)
     assert root.loras == () and len(out.loras) == 1 and len(out2.loras) == 2
-    assert out.loras[0] == lora.LoraSpec(
+    assert out.loras[0] == lora_spec.LoraSpec(
         path=str((models_dir / "loras" / "one.safetensors").resolve()),
         weight=0.5,
         stage="low",
@@ -475,18 +475,22 @@ def test_node_returns_new_handle(models_dir, base):
 
 
 def test_runware_task_entry(models_dir):
-    got = lora.lora_spec_from_task({"model": "one.safetensors", "weight": 0.8, "transformer": "high"}, None)
+    got = lora_spec.lora_spec_from_task(
+        {"model": "one.safetensors", "weight": 0.8, "transformer": "high"}, None
+    )
     assert (got.weight, got.stage, got.boundary, got.name) == (0.8, "high", 0.875, "one.safetensors")
-    got = lora.lora_spec_from_task({"model": "one.safetensors"}, None)
+    got = lora_spec.lora_spec_from_task({"model": "one.safetensors"}, None)
     assert (got.weight, got.stage) == (1.0, "both")
     with pytest.raises(ValueError, match=r"lora\[1\].weight: 4.5 is outside"):
-        lora.lora_spec_from_task({"model": "one.safetensors", "weight": 4.5}, None, field="lora[1]")
+        lora_spec.lora_spec_from_task({"model": "one.safetensors", "weight": 4.5}, None, field="lora[1]")
     with pytest.raises(ValueError, match=r"lora\[0\].transformer: 'middle'"):
-        lora.lora_spec_from_task({"model": "one.safetensors", "transformer": "middle"}, None, field="lora[0]")
+        lora_spec.lora_spec_from_task(
+            {"model": "one.safetensors", "transformer": "middle"}, None, field="lora[0]"
+        )
     with pytest.raises(ValueError, match=r"lora\[0\].model: file 'nope.safetensors' not found"):
-        lora.lora_spec_from_task({"model": "nope.safetensors"}, None, field="lora[0]")
+        lora_spec.lora_spec_from_task({"model": "nope.safetensors"}, None, field="lora[0]")
     with pytest.raises(ValueError, match="unknown key"):
-        lora.lora_spec_from_task({"model": "one.safetensors", "strength": 1}, None)
+        lora_spec.lora_spec_from_task({"model": "one.safetensors", "strength": 1}, None)
 
 
 # --- through the sampler ---------------------------------------------------------------------
@@ -525,7 +529,7 @@ def test_sampler_applies_stages_and_restores(pristine, base, files):
     from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
 
     sigmas = [float(x) for x in make_sampler(SchedulerSpec("Euler", 3.0), "full", 6).sigmas[:6]]
-    n_high = len(lora.stage_steps(sigmas, "high", 0.9))
+    n_high = len(lora_spec.stage_steps(sigmas, "high", 0.9))
     assert 0 < n_high < 6
     before = base_hash(base)
     got = _sample(base, [spec(files["f1"], 1.0, "high", 0.9), spec(files["f2"], -1.0, "low", 0.9)])
@@ -595,7 +599,7 @@ def _wrappers_in_tree(model) -> int:
 
 
 def test_auto_merges_when_a_copy_fits(pristine, base, files):
-    assert lora.LoraSpec(path=files["f1"], weight=1.0, stage="both").merge == "auto"  # the default
+    assert lora_spec.LoraSpec(path=files["f1"], weight=1.0, stage="both").merge == "auto"  # the default
     with lora.LoraSession(base, [spec(files["f1"], 0.8, "high", merge="auto")]) as s:
         s.on_step(0.95)
         assert s.merged == {s._plan[0][0]: 0.8}
@@ -674,7 +678,7 @@ def test_wrappers_come_back_after_an_error(base, files):
 @pytest.mark.parametrize("value", [True, False, "yes", None, "AUTO"])
 def test_bad_merge_mode_names_the_input(files, value):
     with pytest.raises(ValueError, match=f"merge_at_boundary: {value!r} is not one of auto, on, off"):
-        lora.make_lora_spec(files["f1"], 1.0, merge=value)
+        lora_spec.make_lora_spec(files["f1"], 1.0, merge=value)
 
 
 def test_free_memory_reads_the_os(monkeypatch):

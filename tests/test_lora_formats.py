@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
-from hidream_pack.hidream import lora, lora_formats, tiny
+from hidream_pack.hidream import lora, lora_formats, lora_spec, tiny
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -147,7 +147,7 @@ def test_every_format_gives_the_same_output(pristine, peft_lora, reference, fmt,
     path = tmp_path / "lora.safetensors"
     WRITERS[fmt](copy.deepcopy(model), sd, path)
     target = copy.deepcopy(pristine)
-    with lora.LoraSession(target, [lora.LoraSpec(path=str(path), weight=0.6, stage="both")]) as s:
+    with lora.LoraSession(target, [lora_spec.LoraSpec(path=str(path), weight=0.6, stage="both")]) as s:
         entry = lora.loaded_adapters(target)[str(path)]
         assert entry.format == EXPECTED_FORMAT.get(fmt, fmt)
         assert entry.modules == len(_pairs(sd)) and entry.skipped_keys == 0
@@ -293,7 +293,7 @@ def test_mixed_ranks_and_alphas(pristine, tmp_path):
     save_file(sd, str(tmp_path / "mixed.safetensors"))
     target = copy.deepcopy(pristine)
     with lora.LoraSession(
-        target, [lora.LoraSpec(path=str(tmp_path / "mixed.safetensors"), weight=-0.8, stage="low")]
+        target, [lora_spec.LoraSpec(path=str(tmp_path / "mixed.safetensors"), weight=-0.8, stage="low")]
     ) as s:
         s.on_step(0.1)
         got = _run(target)
