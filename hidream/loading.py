@@ -369,7 +369,7 @@ def load_text_encoders(
     }
     dt, dev = parse_dtype(dtype), parse_device(device)
     infos = {slot: _check_text_file(slot, p) for slot, p in paths.items()}
-    t5_rows = configs.t5_config(infos["t5"])["vocab_size"]
+    t5_rows = _config("t5", paths["t5"], lambda: configs.t5_config(infos["t5"]))["vocab_size"]
     t5_tok = tokenizers.load_t5_tokenizer(paths["t5"], t5_rows, t5_tokenizer_dir)
     llama_tok = tokenizers.llama_tokenizer()
     llama_rows = infos["llama"]["model.embed_tokens.weight"].shape[0]
