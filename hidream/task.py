@@ -67,7 +67,9 @@ class TaskValidationError(ValueError):
     def __init__(self, errors: list[str]) -> None:
         # Lone surrogates from the JSON (in unknown keys, say) would crash any print of the message.
         self.errors = [e.encode("utf-8", "backslashreplace").decode("utf-8") for e in errors]
-        super().__init__(f"invalid Runware task ({len(self.errors)} problem(s)):\n  " + "\n  ".join(errors))
+        super().__init__(
+            f"invalid Runware task ({len(self.errors)} problem(s)):\n  " + "\n  ".join(self.errors)
+        )
 
 
 @dataclass(frozen=True)
