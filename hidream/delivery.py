@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 MAX_TRIES = 3
 BASE_DELAY_S = 1.0  # waits 1 s, then 2 s between tries
-TIMEOUT_S = (10.0, 60.0)  # (connect, read) seconds per socket operation
-TRY_DEADLINE_S = 90.0  # one try, start to end, however slowly a server trickles bytes
-TASK_DEADLINE_S = 300.0  # every upload and webhook of one task together
+TIMEOUT_S = (10.0, 30.0)  # (connect, read) seconds per socket operation
+TRY_DEADLINE_S = 60.0  # one try, start to end, however slowly a server trickles bytes
+TASK_DEADLINE_S = 180.0  # every upload and webhook of one task together (failures keep their files)
 URL_MAX_CHARS = 2048
 RETRY_4XX = (408, 429)  # request timeout and rate limit: trying again later can succeed
 _QUERY_RE = re.compile(r"\?[^\s'\"()<>,]+")
