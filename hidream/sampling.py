@@ -10,6 +10,11 @@ switched per step by sigma (``hidream.lora.LoraSession``) and cache state lives 
 session created here (``hidream.cache``); both are undone in ``finally`` blocks, so an
 exception or a cancel leaves the shared weights as they were.
 
+One transformer samples one call at a time (``_sampling_lock``): LoRA adapters, merged weight
+copies, cache hooks and offload moves all act on the shared module, so a second caller (the
+Runware API server, a user script, another thread) waits instead of seeing the first one's
+LoRA in its image.
+
 The result is in ComfyUI's LATENT convention: raw VAE-space latents (the Flux VAE's
 scaling 0.3611 and shift 0.1159 undone), so ComfyUI's own VAEDecode decodes it too.
 """
@@ -17,7 +22,9 @@ scaling 0.3611 and shift 0.1159 undone), so ComfyUI's own VAEDecode decodes it t
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -186,6 +193,19 @@ def _sample_one(
     return x.float().cpu()
 
 
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def _sampling_lock(transformer: torch.nn.Module) -> threading.Lock:
+    """The lock that serialises sampling calls on one loaded transformer."""
+    with _locks_guard:
+        lock = _locks.get(transformer)
+        if lock is None:
+            lock = _locks[transformer] = threading.Lock()
+        return lock
+
+
 def sample_latents(
     model: HiDreamModel,
     cond: Conditioning,
@@ -209,7 +229,12 @@ def sample_latents(
     telemetry: list[str] = []
     start = time.perf_counter()
     images = []
+    lock = _sampling_lock(model.transformer)
+    if not lock.acquire(blocking=False):
+        log.info("another sampling call is using this model; waiting for it to finish")
+        lock.acquire()
     with ExitStack() as stack, torch.no_grad():
+        stack.callback(lock.release)
         stack.enter_context(on_device(model.transformer, model.device, model.offload))
         lora = None
         if model.loras:
