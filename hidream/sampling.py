@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compile import graph_count
 from .devices import on_device
 from .handle import HiDreamModel
 from .progress import Progress
@@ -204,11 +205,12 @@ def sample_latents(
     validate_settings(settings)
     validate_scheduler_name(scheduler.name)
     _open_cache(model, settings.steps)  # bad cache options fail here, before any weight moves
-    runner = TransformerRunner(model.transformer)
+    runner = TransformerRunner(model.transformer, compile=model.compile)
     progress = Progress(total=settings.steps * settings.batch, callback=callback)
     telemetry: list[str] = []
     start = time.perf_counter()
     images = []
+    graphs_before = graph_count()
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(on_device(model.transformer, model.device, model.offload))
         lora = None
@@ -224,5 +226,7 @@ def sample_latents(
             images.append(
                 _sample_one(runner, model, cond, scheduler, settings, index, lora, progress, telemetry)
             )
+        if runner.compiled:
+            log.info("compile=blocks: %d graph(s) compiled during this call", graph_count() - graphs_before)
     latents = torch.cat(images) / FLUX_VAE_SCALING + FLUX_VAE_SHIFT
     return SampleResult(latents=latents, seconds=time.perf_counter() - start, telemetry=telemetry)
