@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import types
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "blocks")
 BACKEND = "inductor"  # tests use "eager": dynamo's graphs, guards and recompiles are the same
-_COMPILED: dict[str, Callable] = {}  # one compiled callable per process: dynamo's cache is per code object
+# One compiled callable per (backend, block class) per process. dynamo keeps its compiled graphs
+# on the code object it traces, so these must outlive any runner, or every call would recompile.
+_COMPILED: dict[tuple[str, str], Callable] = {}
 _WARNED: set[str] = set()
 
 
@@ -74,11 +77,20 @@ def _run_block(block: torch.nn.Module, kwargs: dict) -> object:
     return block(**kwargs)
 
 
-def _compiled() -> Callable:
-    """One callable per backend; a new size compiles once more, then shapes go dynamic."""
-    if BACKEND not in _COMPILED:
-        _COMPILED[BACKEND] = torch.compile(_run_block, backend=BACKEND)
-    return _COMPILED[BACKEND]
+def _compiled(block: torch.nn.Module) -> Callable:
+    """The compiled callable for ``block``'s class; a new size compiles once more, then dynamic.
+
+    Each class gets its own copy of ``_run_block``'s code object, so dynamo's per-code-object
+    recompile limit (8) and its logs apply per block class rather than to both together.
+    """
+    inner = getattr(block, "block", block)  # diffusers wraps both kinds in ``HiDreamBlock``
+    name = type(inner).__name__
+    key = (BACKEND, name)
+    if key not in _COMPILED:
+        code = _run_block.__code__.replace(co_name=f"run_{name}")
+        fn = types.FunctionType(code, _run_block.__globals__, f"run_{name}")
+        _COMPILED[key] = torch.compile(fn, backend=BACKEND)
+    return _COMPILED[key]
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -125,7 +137,7 @@ class BlockCaller:
         if not self.compiled:
             return block(**kwargs)
         try:
-            return _compiled()(block, kwargs)
+            return _compiled(block)(block, kwargs)
         except _compile_errors() as exc:
             self.compiled = False
             first = str(exc).splitlines()[0] if str(exc) else repr(exc)
