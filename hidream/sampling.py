@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compile import graph_count
 from .devices import on_device
 from .handle import HiDreamModel
 from .progress import Progress
@@ -224,11 +225,12 @@ def sample_latents(
     validate_settings(settings)
     validate_scheduler_name(scheduler.name)
     _open_cache(model, settings.steps)  # bad cache options fail here, before any weight moves
-    runner = TransformerRunner(model.transformer)
+    runner = TransformerRunner(model.transformer, compile=model.compile)
     progress = Progress(total=settings.steps * settings.batch, callback=callback)
     telemetry: list[str] = []
     start = time.perf_counter()
     images = []
+    graphs_before = graph_count()
     lock = _sampling_lock(model.transformer)
     if not lock.acquire(blocking=False):
         log.info("another sampling call is using this model; waiting for it to finish")
@@ -249,5 +251,7 @@ def sample_latents(
             images.append(
                 _sample_one(runner, model, cond, scheduler, settings, index, lora, progress, telemetry)
             )
+        if runner.compiled:
+            log.info("compile=blocks: %d graph(s) compiled during this call", graph_count() - graphs_before)
     latents = torch.cat(images) / FLUX_VAE_SCALING + FLUX_VAE_SHIFT
     return SampleResult(latents=latents, seconds=time.perf_counter() - start, telemetry=telemetry)
