@@ -1,0 +1,86 @@
+"""The cache nodes for ComfyUI's native HiDream ``MODEL`` (Load Diffusion Model's output).
+
+Same widgets, defaults and rules as the HIDREAM_MODEL cache nodes (``nodes.cache``), whose
+classes these extend; only the model type and the attachment differ: the engine side
+(``hidream.native.cache``) clones the MODEL and attaches the pack's own cache policies as
+ComfyUI wrappers. The per-step telemetry line goes to the log when sampling ends (a MODEL
+node runs before sampling, so it cannot return it as a STRING).
+"""
+
+from __future__ import annotations
+
+from ..hidream.schedulers import VARIANTS
+from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
+
+_MODEL_INPUT = (
+    "MODEL",
+    {"tooltip": "ComfyUI's HiDream-I1 MODEL (Load Diffusion Model, LoRA loaders, ...). It is not changed."},
+)
+
+
+def _native_inputs(base: type) -> dict:
+    spec = base.INPUT_TYPES()
+    spec["required"] = {"model": _MODEL_INPUT, **{k: v for k, v in spec["required"].items() if k != "model"}}
+    return spec
+
+
+class _NativeCache:
+    CATEGORY = "HiDream/native"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL with this cache attached (the input is unchanged).",)
+    _variant: str | None = None
+
+    def attach(self, model, config) -> tuple:
+        from ..hidream.native.cache import attach_cache
+
+        return (attach_cache(model, config, self.NODE_ID, self._variant),)
+
+
+class HiDreamI1NativeFirstBlockCache(_NativeCache, HiDreamI1FirstBlockCache):
+    NODE_ID = "HiDreamI1NativeFirstBlockCache"
+    TITLE = "HiDream-I1 First Block Cache (MODEL)"
+    DESCRIPTION = HiDreamI1FirstBlockCache.DESCRIPTION + " For ComfyUI's native HiDream MODEL."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return _native_inputs(HiDreamI1FirstBlockCache)
+
+
+class HiDreamI1NativeTeaCache(_NativeCache, HiDreamI1TeaCache):
+    NODE_ID = "HiDreamI1NativeTeaCache"
+    TITLE = "HiDream-I1 TeaCache (MODEL)"
+    DESCRIPTION = HiDreamI1TeaCache.DESCRIPTION + " For ComfyUI's native HiDream MODEL."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        spec = _native_inputs(HiDreamI1TeaCache)
+        variant = (
+            list(VARIANTS),
+            {
+                "default": "full",
+                "tooltip": "Which HiDream-I1 the MODEL is (ComfyUI's MODEL does not say): picks the published "
+                "TeaCache polynomial when coefficients is empty.",
+            },
+        )
+        spec["required"] = {"model": spec["required"].pop("model"), "variant": variant, **spec["required"]}
+        return spec
+
+    def apply(self, model, variant, *args, **kwargs):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        self._variant = variant
+        return super().apply(model, *args, **kwargs)
+
+
+class HiDreamI1NativeDBCache(_NativeCache, HiDreamI1DBCache):
+    NODE_ID = "HiDreamI1NativeDBCache"
+    TITLE = "HiDream-I1 DBCache (MODEL)"
+    DESCRIPTION = HiDreamI1DBCache.DESCRIPTION + " For ComfyUI's native HiDream MODEL."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return _native_inputs(HiDreamI1DBCache)
+
+
+NODES = [HiDreamI1NativeFirstBlockCache, HiDreamI1NativeTeaCache, HiDreamI1NativeDBCache]
