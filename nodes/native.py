@@ -9,8 +9,10 @@ node runs before sampling, so it cannot return it as a STRING).
 
 from __future__ import annotations
 
+from ..hidream import lora_spec
 from ..hidream.schedulers import VARIANTS
 from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
+from .lora import HiDreamI1LoraLoader
 
 _MODEL_INPUT = (
     "MODEL",
@@ -83,4 +85,47 @@ class HiDreamI1NativeDBCache(_NativeCache, HiDreamI1DBCache):
         return _native_inputs(HiDreamI1DBCache)
 
 
-NODES = [HiDreamI1NativeFirstBlockCache, HiDreamI1NativeTeaCache, HiDreamI1NativeDBCache]
+class HiDreamI1NativeStageLora:
+    NODE_ID = "HiDreamI1NativeStageLora"
+    TITLE = "HiDream-I1 Stage LoRA (MODEL)"
+    CATEGORY = "HiDream/native"
+    DESCRIPTION = (
+        "A LoRA on ComfyUI's native HiDream MODEL that acts on the high-noise steps (sigma >= boundary), the "
+        "low-noise steps (sigma < boundary) or both (then exactly core LoraLoaderModelOnly). Reads every format "
+        "the pack reads (diffusers/PEFT, ComfyUI/ai-toolkit, kohya, OneTrainer/OMI, LyCORIS LoCon; .safetensors)."
+    )
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = (
+        "A clone of the MODEL with this LoRA patched in for its stage (the input is unchanged).",
+    )
+    FUNCTION = "apply"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        base = HiDreamI1LoraLoader.INPUT_TYPES()["required"]
+        return {
+            "required": {
+                "model": _MODEL_INPUT,
+                "lora_name": base["lora_name"],
+                "strength": base["weight"],
+                "stage": base["stage"],
+                "boundary": base["boundary"],
+            }
+        }
+
+    def apply(self, model, lora_name: str, strength: float, stage: str, boundary: float) -> tuple:
+        from ..hidream.native.lora import apply_stage_lora
+
+        lora_spec.validate_lora(lora_name, strength, stage, boundary)
+        path = lora_spec.folder_resolver("lora_name")(lora_name)
+        return (apply_stage_lora(model, path, lora_name, strength, stage, boundary, self.NODE_ID),)
+
+
+NODES = [
+    HiDreamI1NativeFirstBlockCache,
+    HiDreamI1NativeTeaCache,
+    HiDreamI1NativeDBCache,
+    HiDreamI1NativeStageLora,
+]
