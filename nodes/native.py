@@ -13,6 +13,7 @@ from ..hidream import lora_spec
 from ..hidream.schedulers import VARIANTS
 from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 from .lora import HiDreamI1LoraLoader
+from .scheduler import HiDreamI1Scheduler
 
 _MODEL_INPUT = (
     "MODEL",
@@ -123,7 +124,56 @@ class HiDreamI1NativeStageLora:
         return (apply_stage_lora(model, path, lora_name, strength, stage, boundary, self.NODE_ID),)
 
 
+class HiDreamI1NativeScheduler:
+    NODE_ID = "HiDreamI1NativeScheduler"
+    TITLE = "HiDream-I1 Scheduler (SAMPLER + SIGMAS)"
+    CATEGORY = "HiDream/native"
+    DESCRIPTION = (
+        "Any of the 75 Runware scheduler names as a SAMPLER and SIGMAS for SamplerCustomAdvanced on ComfyUI's native "
+        "HiDream MODEL; samples as the HIDREAM_MODEL path does with that name and shift."
+    )
+    RETURN_TYPES = ("SAMPLER", "SIGMAS")
+    RETURN_NAMES = ("sampler", "sigmas")
+    OUTPUT_TOOLTIPS = (
+        "The pack's sampler for this name (connect to SamplerCustomAdvanced's sampler).",
+        "Its sigma schedule, first sigma 1.0 (connect to SamplerCustomAdvanced's sigmas; the sampler checks it).",
+    )
+    FUNCTION = "build"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        base = HiDreamI1Scheduler.INPUT_TYPES()["required"]
+        return {
+            "required": {
+                "scheduler": base["scheduler"],
+                "steps": (
+                    "INT",
+                    {"default": 30, "min": 1, "max": 1000, "tooltip": "Sampling steps (1..1000)."},
+                ),
+                "shift": base["shift"],
+                "variant": (
+                    list(VARIANTS),
+                    {
+                        "default": "full",
+                        "tooltip": "Which HiDream-I1 the MODEL is: picks 'Default' and the default shift.",
+                    },
+                ),
+            }
+        }
+
+    def build(self, scheduler: str, steps: int, shift: float, variant: str) -> tuple:
+        from ..hidream.native.schedulers import make_comfy_sampler
+        from ..hidream.schedulers import validate_shift
+
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        value = None if shift == 0 else validate_shift(shift)
+        return make_comfy_sampler(scheduler, value, steps, variant)
+
+
 NODES = [
+    HiDreamI1NativeScheduler,
     HiDreamI1NativeFirstBlockCache,
     HiDreamI1NativeTeaCache,
     HiDreamI1NativeDBCache,
