@@ -14,7 +14,8 @@ speedup, the ideal being 1 / (fraction of block calls run); native_efficiency is
 three caches together (sum of ideal times / sum of measured times). Core EasyCache (start 0,
 end 1, its threshold bisected until it skips as many steps as our TeaCache) skips the whole
 model on a hit, as TeaCache does, so vs_easycache = our TeaCache wall / EasyCache wall
-compares the two attachments' overheads. Times are minima over interleaved repeats.
+compares the two attachments' overheads. Times are minima over 3 interleaved repeats (order
+rotated per repeat); CPU-time figures are printed too, since wall time on a shared machine is noisy.
 Needs ComfyUI: COMFYUI_PATH, else <repo>/.comfyui/ComfyUI. Last line:
 
     native_efficiency=<x> vs_easycache=<y>
@@ -115,7 +116,7 @@ class Bench:
         import torch
 
         with torch.no_grad():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = self.comfy.sample.sample_custom(
                 model,
                 self.noise,
@@ -128,6 +129,7 @@ class Bench:
                 disable_pbar=True,
                 seed=0,
             )
+            self.cpu = time.process_time() - cpu
             return out, time.perf_counter() - start
 
 
@@ -224,16 +226,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     global SIZE, TOKENS
-    steps, SIZE, TOKENS, repeats = (*QUICK, 2) if args.quick else (*FULL, 3)
+    steps, SIZE, TOKENS, repeats = (*QUICK, 3) if args.quick else (*FULL, 3)
     setup_threads(1)
     load_pack()
     comfy = import_comfy()
     bench = Bench(comfy, build(comfy), steps)
     print(
-        f"native HiDream (ComfyUI's model class, bench config), {SIZE}x{SIZE}, {steps} steps, CFG {CFG}, euler"
+        f"native HiDream (ComfyUI's model class, bench config), {SIZE}x{SIZE}, {TOKENS}+{TOKENS} text tokens, "
+        f"{steps} steps, CFG {CFG}, euler"
     )
 
-    with __import__("torch").no_grad():
+    import torch
+
+    with torch.no_grad():
         thresholds = calibrate(bench)
     tea_model = our_model(bench.patcher, "Tea", thresholds["Tea"])
     bench.sample(tea_model)
@@ -252,12 +257,14 @@ def main() -> None:
     models = {"none": bench.patcher, "EasyCache": easycache_model(bench.patcher, ec_threshold)}
     models.update({m: our_model(bench.patcher, m, thresholds[m]) for m in ("FB", "DB", "Tea")})
     best = {name: float("inf") for name in models}
+    best_cpu = dict(best)
     outs = {}
-    for _ in range(repeats):
-        for name, model in models.items():
-            outs[name], wall = bench.sample(model)
-            best[name] = min(best[name], wall)
-            print(f"  {name}: {wall:.2f} s", file=sys.stderr, flush=True)
+    names = list(models)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no fixed first place
+            outs[name], wall = bench.sample(models[name])
+            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], bench.cpu)
+            print(f"  {name}: {wall:.2f} s wall, {bench.cpu:.2f} s CPU", file=sys.stderr, flush=True)
     t0 = best["none"]
     head = ("method", "threshold", "reused", "blocks", "wall s", "speedup", "ideal", "eff", "relL1")
     print("{:10} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>6}".format(*head))
@@ -280,6 +287,12 @@ def main() -> None:
     )
     print(
         f"TeaCache skipped {tea_skipped}/{steps} steps, EasyCache {ec_skipped}/{steps} (reused: model calls, 2 a step)"
+    )
+    cpu_ideal = sum(best_cpu["none"] * session_of(models[m]).block_fraction(nb) for m in ("FB", "DB", "Tea"))
+    cpu_sum = sum(best_cpu[m] for m in ("FB", "DB", "Tea"))
+    print(
+        f"CPU-time figures (less sensitive to a shared machine): native_efficiency={cpu_ideal / cpu_sum:.3f} "
+        f"vs_easycache={best_cpu['Tea'] / best_cpu['EasyCache']:.3f}"
     )
     print(f"native_efficiency={ideal_sum / wall_sum:.3f} vs_easycache={best['Tea'] / best['EasyCache']:.3f}")
 

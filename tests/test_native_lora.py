@@ -172,3 +172,23 @@ def test_node_refuses_bad_inputs_and_non_hidream_models(setup):
     flux = SimpleNamespace(model=object.__new__(comfy.model_base.Flux), model_options={})
     with pytest.raises(ValueError, match=r"^test: .* got a Flux model$"):
         apply_stage_lora(flux, setup.paths["comfy"], "tiny", 1.0, "high", 0.875, "test")
+
+
+def test_the_cache_composes_with_core_lora_loaders(setup):
+    """Core LoraLoaderModelOnly before or after our cache node: at threshold 0 the output is the
+    LoRA'd model's, bit for bit (the cache runs ComfyUI's patched weights)."""
+    import comfy.sd
+    import comfy.utils
+
+    never = FirstBlockCacheConfig(threshold=0.0)
+    after = native_cache.attach_cache(setup.core, never, "test")
+    lora = comfy.utils.load_torch_file(setup.paths["comfy"])
+    before = comfy.sd.load_lora_for_models(
+        native_cache.attach_cache(setup.patcher, never, "test"), None, lora, 0.8, 0
+    )[0]
+    for model in (after, before):
+        assert torch.equal(sample(model, setup.pos, setup.neg, setup.sigmas, size=SIZE), setup.core_out)
+        assert (
+            len(model.model_options["transformer_options"][native_cache.KEY].last_session.records)
+            == 2 * STEPS
+        )
