@@ -439,11 +439,12 @@ def webhook_payload(response: dict, upload_endpoint: str | None, file_urls: bool
     url = response.get("imageURL")
     if not (file_urls and isinstance(url, str) and url.startswith("file:")):
         return response
-    from .delivery import redact_url
-
     out = {k: v for k, v in response.items() if k != "imageURL"}
     if upload_endpoint:
-        out["imageURL"] = redact_url(upload_endpoint).replace("?<redacted>", "")
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(upload_endpoint)  # the object's URL: no signature (query), no user info
+        out["imageURL"] = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
     else:
         path = Path(url_to_path(url))
         out["imageDataURI"] = data_uri(path.read_bytes(), _format_of(path))

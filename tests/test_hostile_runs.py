@@ -509,9 +509,9 @@ def test_cli_webhook_gets_the_image_not_a_local_path(tmp_path, servers):
     assert pub.responses[0]["imageURL"].startswith("file://")  # stdout keeps the local path
     [body] = hook.json_bodies()
     assert "imageURL" not in body and body["imageDataURI"] == output.data_uri(pub.saved[0].data, "PNG")
-    upload = hook.url("/bucket/key.png?X-Amz-Signature=abc")
+    upload = hook.url("/bucket/HiDream_c02c8676-a2cb-4b12.png?X-Amz-Signature=abc")
     options = output.PublishOptions(
         output_format="PNG", webhook_url=hook.url(), upload_endpoint=upload, file_urls=True
     )
     pub = output.publish(images, TASK_UUID, options, root=tmp_path)
-    assert hook.json_bodies()[-1]["imageURL"] == hook.url("/bucket/key.png")
+    assert hook.json_bodies()[-1]["imageURL"] == hook.url("/bucket/HiDream_c02c8676-a2cb-4b12.png")

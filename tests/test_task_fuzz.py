@@ -93,7 +93,7 @@ def _mutate_value(rng: random.Random, task: dict) -> dict:
     if isinstance(value, dict) and value and rng.random() < 0.6:
         inner = rng.choice(list(value))
         task[key] = {**value, inner: rng.choice(HOSTILE_VALUES)}
-    elif isinstance(value, list) and value and rng.random() < 0.6:
+    elif isinstance(value, list) and value and isinstance(value[0], dict) and rng.random() < 0.6:
         task[key] = [
             {**value[0], rng.choice(["model", "weight", "transformer", "x"]): rng.choice(HOSTILE_VALUES)}
         ]
