@@ -55,6 +55,10 @@ SET_WIDGETS = """(edits) => edits.forEach(([id, name, value]) => {
   const w = app.graph.getNodeById(id).widgets.find(w => w.name === name);
   w.value = value; w.callback?.(value); })"""
 
+# Widget values per node; the editor's own image-preview widget ("$$canvas-image-preview") excluded.
+WIDGET_VALUES = """() => Object.fromEntries(app.graph._nodes.map(n => [n.id,
+  (n.widgets || []).filter(w => !w.name?.startsWith('$$')).map(w => w.value)]))"""
+
 SHOWN = """([id, w, h]) => { const img = app.graph.getNodeById(id)?.imgs?.[0];
   return !!img && img.complete && img.naturalWidth === w && img.naturalHeight === h; }"""
 
@@ -184,6 +188,7 @@ def test_ui_workflow_loads_runs_and_shows_its_image_in_the_editor(editor: Editor
     assert editor.page.evaluate(CHECK_NODES, workflow) == []
 
     editor.page.evaluate(SET_WIDGETS, _shrink_edits(twin, shrunk))
+    before = editor.page.evaluate(WIDGET_VALUES)
     queued = _run(editor, path.name)
     sent = {i: {k: v for k, v in n.items() if k != "_meta"} for i, n in queued["sent"]["prompt"].items()}
     assert sent == shrunk, f"{path.name}: the editor queued another graph than the HTTP suite"
@@ -200,6 +205,8 @@ def test_ui_workflow_loads_runs_and_shows_its_image_in_the_editor(editor: Editor
             assert (comfy.base / "output" / image.get("subfolder", "") / image["filename"]).is_file(), image
         width, height = found[0][1]
         editor.page.wait_for_function(SHOWN, arg=[int(node_id), width, height], timeout=30_000)
+    # A Run changes no widget: no 'control after generate' may move a seed the file fixed.
+    assert editor.page.evaluate(WIDGET_VALUES) == before, f"{path.name}: widget values changed by Run"
     editor.page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
     assert editor.new_errors(since) == [], f"{path.name}: console errors"
 
