@@ -217,8 +217,10 @@ TITLE_POINT = """(id) => { const n = app.graph.getNodeById(id), ds = app.canvas.
   const r = app.canvas.canvas.getBoundingClientRect();
   const x = n.pos[0] + 40, y = n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2;
   return [r.left + (x + ds.offset[0]) * ds.scale, r.top + (y + ds.offset[1]) * ds.scale]; }"""
+# A new node right of the canvas middle, clear of the sidebar the help opens in (it overlays the canvas).
 ADD_NODE = """(type) => { const n = LiteGraph.createNode(type); app.graph.add(n);
-  const ds = app.canvas.ds; n.pos = [-ds.offset[0] + 200 / ds.scale, -ds.offset[1] + 200 / ds.scale];
+  const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+  n.pos = [r.width * 0.55 / ds.scale - ds.offset[0], r.height * 0.3 / ds.scale - ds.offset[1]];
   app.canvas.setDirty(true, true); return n.id; }"""
 
 
