@@ -110,16 +110,20 @@ def _require_browser():
 @pytest.fixture(scope="session")  # one page for the suite, also when its tests are interleaved
 def editor(comfy: Client):
     sync_playwright = _require_browser()
-    # A new user gets a template dialog and no graph; the minimap covers the screenshots.
-    status, _ = comfy.request(
-        "/api/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
-    )
+    # A new user gets a template dialog and no graph; the minimap covers the screenshots; below
+    # 8 px fonts the canvas draws nodes without text (Fit View of 9+ nodes), useless in screenshots.
+    settings = {
+        "Comfy.TutorialCompleted": True,
+        "Comfy.Minimap.Visible": False,
+        "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+    }
+    status, _ = comfy.request("/api/settings", settings)
     assert status == 200
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     errors: list[tuple[str, str, str | None]] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.on(
             "console",
             lambda m: m.type == "error" and errors.append(("console", m.text, m.location.get("url"))),
