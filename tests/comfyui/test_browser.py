@@ -185,11 +185,15 @@ def _run(editor: Editor, name: str) -> dict:
 def test_ui_workflow_loads_runs_and_shows_its_image_in_the_editor(editor: Editor, comfy: Client, path: Path):
     workflow = graphs.load(path)
     twin = graphs.load(graphs.WORKFLOWS / "api" / path.name)
-    shrunk = graphs.shrink(twin)
+    shrunk = graphs.shrink(twin, keep_dtype=path.stem == graphs.AS_SHIPPED)
     since = len(editor.errors)
 
     _load(editor, path, workflow)
     assert editor.page.evaluate(CHECK_NODES, workflow) == []
+    if path.stem in graphs.NATIVE_ONLY:  # loads and checks; tiny weights cannot run there (graphs.py)
+        editor.page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+        assert editor.new_errors(since) == [], f"{path.name}: console errors"
+        return
 
     editor.page.evaluate(SET_WIDGETS, _shrink_edits(twin, shrunk))
     before = editor.page.evaluate(WIDGET_VALUES)
