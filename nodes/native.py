@@ -28,7 +28,7 @@ def _native_inputs(base: type) -> dict:
 
 
 class _NativeCache:
-    CATEGORY = "HiDream/native"
+    CATEGORY = "HiDream"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("A clone of the MODEL with this cache attached (the input is unchanged).",)
@@ -69,11 +69,23 @@ class HiDreamI1NativeTeaCache(_NativeCache, HiDreamI1TeaCache):
         spec["required"] = {"model": spec["required"].pop("model"), "variant": variant, **spec["required"]}
         return spec
 
-    def apply(self, model, variant, *args, **kwargs):
+    def apply(
+        self,
+        model,
+        variant,
+        distance,
+        coefficients,
+        start_step,
+        end_step,
+        start_percent,
+        end_percent,
+        max_consecutive,
+    ):
         if variant not in VARIANTS:
             raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         self._variant = variant
-        return super().apply(model, *args, **kwargs)
+        window = (start_step, end_step, start_percent, end_percent, max_consecutive)
+        return super().apply(model, distance, coefficients, *window)
 
 
 class HiDreamI1NativeDBCache(_NativeCache, HiDreamI1DBCache):
@@ -89,7 +101,7 @@ class HiDreamI1NativeDBCache(_NativeCache, HiDreamI1DBCache):
 class HiDreamI1NativeStageLora:
     NODE_ID = "HiDreamI1NativeStageLora"
     TITLE = "HiDream-I1 Stage LoRA (MODEL)"
-    CATEGORY = "HiDream/native"
+    CATEGORY = "HiDream"
     DESCRIPTION = (
         "A LoRA on ComfyUI's native HiDream MODEL that acts on the high-noise steps (sigma >= boundary), the "
         "low-noise steps (sigma < boundary) or both (then exactly core LoraLoaderModelOnly). Reads every format "
@@ -127,7 +139,7 @@ class HiDreamI1NativeStageLora:
 class HiDreamI1NativeScheduler:
     NODE_ID = "HiDreamI1NativeScheduler"
     TITLE = "HiDream-I1 Scheduler (SAMPLER + SIGMAS)"
-    CATEGORY = "HiDream/native"
+    CATEGORY = "HiDream"
     DESCRIPTION = (
         "Any of the 75 Runware scheduler names as a SAMPLER and SIGMAS for SamplerCustomAdvanced on ComfyUI's native "
         "HiDream MODEL; samples as the HIDREAM_MODEL path does with that name and shift."

@@ -7,6 +7,7 @@ tests skip and say how to install it. ComfyUI goes on ``sys.path`` only when a t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,24 @@ def import_comfy():
     import comfy.supported_models
 
     return comfy
+
+
+@contextlib.contextmanager
+def comfy_imported():
+    """ComfyUI importable for the duration of a module's tests only: afterwards its path and the
+    modules it brought (``folder_paths`` among them, which the pack takes as "inside ComfyUI")
+    are gone again, so later test modules see a plain Python process."""
+    before = set(sys.modules)
+    try:
+        yield import_comfy()
+    finally:
+        root = str(comfyui_root())
+        for name in set(sys.modules) - before:
+            origin = getattr(sys.modules.get(name), "__file__", None) or ""
+            if origin.startswith(root) or name.split(".")[0] in ("comfy", "folder_paths", "comfy_api"):
+                sys.modules.pop(name, None)
+        while root in sys.path:
+            sys.path.remove(root)
 
 
 def native_model(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32):

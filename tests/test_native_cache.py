@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _native import conditioning, import_comfy, native_model, sample
+from _native import comfy_imported, conditioning, native_model, sample
 from hidream_pack.hidream import sampling, tiny
 from hidream_pack.hidream.cache_config import (
     CacheWindow,
@@ -41,9 +41,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def setup():
-    import_comfy()
+def _build():
     transformer = tiny.build_transformer(0)
     positive, negative, pack_cond = conditioning(len(tiny.TINY_TRANSFORMER_CONFIG["llama_layers"]))
     sigmas = make_sampler(SPEC, "full", STEPS).sigmas
@@ -58,6 +56,13 @@ def setup():
         sigmas=sigmas,
         ref=ref,
     )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """ComfyUI importable only while this module's tests run (``_native.comfy_imported``)."""
+    with comfy_imported():
+        yield _build()
 
 
 def run(s, model, **kwargs) -> torch.Tensor:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _native import conditioning, import_comfy, native_model, sample
+from _native import comfy_imported, conditioning, native_model, sample
 from hidream_pack.hidream import tiny
 from hidream_pack.hidream.cache_config import CacheWindow, FirstBlockCacheConfig
 from hidream_pack.hidream.lora_formats import linear_module_shapes
@@ -56,9 +56,7 @@ def write_lora(folder, transformer) -> dict[str, str]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    import_comfy()
+def _build(tmp_path_factory):
     import comfy.sd
     import comfy.utils
 
@@ -76,6 +74,13 @@ def setup(tmp_path_factory):
     s.ref, s.ref_calls = record(s, patcher)
     s.core_out, s.core_calls = record(s, core)
     return s
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """ComfyUI importable only while this module's tests run (``_native.comfy_imported``)."""
+    with comfy_imported():
+        yield _build(tmp_path_factory)
 
 
 def record(s, model):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _native import conditioning, import_comfy, native_model
+from _native import comfy_imported, conditioning, native_model
 from hidream_pack.hidream import sampling, tiny
 from hidream_pack.hidream.handle import HiDreamModel
 from hidream_pack.hidream.native.schedulers import sampler_sigmas
@@ -25,14 +25,19 @@ SEED = 3
 NAMES = ["Default", "Euler a", "DPM++ 2M SDE Karras", "LMS Karras", "Heun", "DPM++ SDE", "TCDScheduler"]
 
 
-@pytest.fixture(scope="module")
-def setup():
-    import_comfy()
+def _build():
     transformer = tiny.build_transformer(0)
     positive, negative, pack = conditioning(len(tiny.TINY_TRANSFORMER_CONFIG["llama_layers"]))
     return SimpleNamespace(
         transformer=transformer, patcher=native_model(transformer), pos=positive, neg=negative, pack=pack
     )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """ComfyUI importable only while this module's tests run (``_native.comfy_imported``)."""
+    with comfy_imported():
+        yield _build()
 
 
 def native_sample(s, sampler, sigmas) -> torch.Tensor:

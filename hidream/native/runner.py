@@ -11,6 +11,7 @@ It reads ComfyUI's module at call time and keeps no per-call state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,11 +21,37 @@ from ..runner import ForwardContext
 
 @dataclass
 class NativeContext(ForwardContext):
-    """``ForwardContext`` plus what ComfyUI's forward needs to finish: the crop and options."""
+    """``ForwardContext`` plus what ComfyUI's forward needs to finish (the crop and options).
+
+    The text streams and rope (``txt``, ``llama``, ``rope``) are computed on first use, so a
+    call that TeaCache skips whole never pays for the caption projections and the rope: like
+    core EasyCache, it then costs only the embedders it watches and the final layer."""
 
     size: tuple[int, int] = (0, 0)  # (h, w) of the latent before padding to the patch size
     img_sizes: list = field(default_factory=list)
     transformer_options: dict = field(default_factory=dict)
+    text_fn: Callable[[], tuple] | None = None  # -> (txt, llama, rope), called at most once
+
+
+def _lazy(name: str) -> property:
+    key = "_" + name
+
+    def get(self):
+        if self.__dict__.get(key) is None and self.text_fn is not None:
+            fn, self.text_fn = self.text_fn, None
+            txt, llama, rope = fn()
+            self.__dict__.update(_txt=txt, _llama=llama, _rope=rope)
+        return self.__dict__.get(key)
+
+    def put(self, value) -> None:
+        self.__dict__[key] = value
+
+    return property(get, put)
+
+
+NativeContext.txt = _lazy("txt")
+NativeContext.llama = _lazy("llama")
+NativeContext.rope = _lazy("rope")
 
 
 class NativeRunner:
@@ -38,7 +65,7 @@ class NativeRunner:
         self.num_blocks = self.num_double + len(self.single_blocks)
 
     def prepare(self, x, t, y, context, llama, image_cond=None, transformer_options=None) -> NativeContext:
-        """Embeddings, text streams and rope, as the first half of ComfyUI's ``_forward``."""
+        """The first half of ComfyUI's ``_forward`` (text streams and rope on first use)."""
         import comfy.ldm.common_dit
 
         m = self.model
@@ -58,32 +85,37 @@ class NativeRunner:
         img_ids[..., 2] = img_ids[..., 2] + torch.arange(pw, device=hidden.device)[None, :]
         img_ids = img_ids.reshape(1, ph * pw, 3).repeat(batch, 1, 1)
         img = m.x_embedder(hidden)
-        layers = llama.movedim(1, 0)
-        enc = [
-            m.caption_projection[i](layers[k]).view(batch, -1, img.shape[-1])
-            for i, k in enumerate(m.llama_layers)
-        ]
-        t5 = m.caption_projection[-1](context).view(batch, -1, img.shape[-1])
-        txt_ids = torch.zeros(
-            batch,
-            t5.shape[1] + enc[-1].shape[1] + enc[0].shape[1],
-            3,
-            device=img_ids.device,
-            dtype=img_ids.dtype,
-        )
-        rope = m.pe_embedder(torch.cat((img_ids, txt_ids), dim=1))
+        dim = img.shape[-1]
+
+        def text() -> tuple:
+            layers = llama.movedim(1, 0)
+            enc = [
+                m.caption_projection[i](layers[k]).view(batch, -1, dim) for i, k in enumerate(m.llama_layers)
+            ]
+            t5 = m.caption_projection[-1](context).view(batch, -1, dim)
+            txt_ids = torch.zeros(
+                batch,
+                t5.shape[1] + enc[-1].shape[1] + enc[0].shape[1],
+                3,
+                device=img_ids.device,
+                dtype=img_ids.dtype,
+            )
+            rope = m.pe_embedder(torch.cat((img_ids, txt_ids), dim=1))
+            return torch.cat([t5, enc[-1]], dim=1), enc, rope
+
         return NativeContext(
             img=img,
-            txt=torch.cat([t5, enc[-1]], dim=1),
+            txt=None,
             temb=temb,
-            llama=enc,
-            rope=rope,
+            llama=None,
+            rope=None,
             grid=(ph, pw),
             batch=batch,
             t_emb=t_emb,
             size=(h, w),
             img_sizes=img_sizes,
             transformer_options=transformer_options if transformer_options is not None else {},
+            text_fn=text,
         )
 
     def run_blocks(self, ctx: NativeContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor):
