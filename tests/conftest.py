@@ -38,26 +38,3 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _comfyui_stays_in_its_module():
-    """A module that imports ComfyUI in-process (the native-MODEL tests) takes it away again.
-
-    The pack asks ``import folder_paths`` / ``comfy.utils`` to know whether it runs inside
-    ComfyUI; left on ``sys.path``, ComfyUI would turn every later test into an "inside ComfyUI"
-    run (output folder, progress bar, interrupt).
-    """
-    path_before, modules_before = list(sys.path), set(sys.modules)
-    yield
-    roots = [p for p in sys.path if p not in path_before and (Path(p) / "comfy" / "model_base.py").is_file()]
-    if not roots:
-        return
-    sys.path[:] = [p for p in sys.path if p not in roots]
-    for name in set(sys.modules) - modules_before:
-        module = sys.modules.get(name)
-        places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", None) or [])]
-        if any(str(place).startswith(root) for place in places for root in roots):
-            del sys.modules[name]
