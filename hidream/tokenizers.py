@@ -112,11 +112,29 @@ def llama_tokenizer():
 
 
 def _comfy_t5_dir() -> Path | None:
+    """ComfyUI's ``comfy/text_encoders/t5_tokenizer``, when running inside ComfyUI.
+
+    ``comfy.text_encoders`` has no ``__init__.py`` (a namespace package), so its ``__file__``
+    is None: the folder is found through the package's ``__path__`` entries instead.
+    """
     try:
         import comfy.text_encoders  # type: ignore[import-not-found]
     except ImportError:
         return None
-    return Path(comfy.text_encoders.__file__).resolve().parent / "t5_tokenizer"
+    return package_subdir(comfy.text_encoders, "t5_tokenizer")
+
+
+def package_subdir(package: object, name: str) -> Path | None:
+    """``<package folder>/<name>`` for a regular or a namespace package, if it exists."""
+    roots = list(getattr(package, "__path__", None) or [])
+    origin = getattr(package, "__file__", None)
+    if origin:
+        roots.insert(0, str(Path(origin).parent))
+    for root in roots:
+        candidate = Path(root).resolve() / name
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def t5_candidates(t5_path: Path, explicit: str | Path | None) -> list[Path]:
