@@ -1,0 +1,32 @@
+"""The node that runs one Runware API task inside ComfyUI's prompt queue."""
+
+from __future__ import annotations
+
+from ..runware_api.jobs import run_job
+
+
+class HiDreamI1RunwareApiJob:
+    NODE_ID = "HiDreamI1RunwareApiJob"
+    TITLE = "HiDream-I1 Runware API Job"
+    CATEGORY = "HiDream/API"
+    DESCRIPTION = (
+        "Runs one imageInference task received by the pack's Runware API (/runware/v1). The API queues it "
+        "by itself; it is a node so the task waits its turn in ComfyUI's queue and can be cancelled there."
+    )
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "job_id": ("STRING", {"default": "", "tooltip": "taskUUID of a task the API received."}),
+            }
+        }
+
+    def run(self, job_id: str) -> dict:
+        return {"ui": run_job(job_id)}
+
+
+NODES = [HiDreamI1RunwareApiJob]
