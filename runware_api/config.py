@@ -200,7 +200,7 @@ def lora_resolver(loras: dict[str, str]):
         if name not in loras:
             known = ", ".join(sorted(loras)) or "none configured"
             raise ValueError(
-                f"model: {name!r} is not a LoRA this server knows; add it to "
+                f"lora_name: {name!r} is not a LoRA this server knows; add it to "
                 f'{FOLDER}/{MODELS_FILE} under "loras" (known: {known})'
             )
         return paths.resolve_model("loras", loras[name], field=f"{MODELS_FILE} loras[{name!r}]")
