@@ -100,7 +100,8 @@ def _start(base: Path) -> tuple[subprocess.Popen, ComfyServer]:
     if not (comfy / "main.py").is_file():
         pytest.skip(f"no ComfyUI at {comfy} (set COMFYUI_DIR or COMFY_URL + COMFY_BASE)")
     write_tiny_models(base / "models")
-    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    for sub in ("custom_nodes", "user", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "hidream_i1").symlink_to(PACK_ROOT, target_is_directory=True)
     port = _free_port()
     log_path = base / "comfyui.log"

@@ -40,18 +40,22 @@ def failure(exc: Exception) -> dict:
 
 
 async def interrupt_when_running(http: str, task_uuid: str) -> None:
-    """Press ComfyUI's cancel (POST /interrupt) once the task's prompt runs."""
+    """Press ComfyUI's cancel (POST /interrupt) while the task's prompt runs."""
     import aiohttp
 
     async with aiohttp.ClientSession() as client:
+        seen = False
         for _ in range(600):
             async with client.get(f"{http}/queue") as reply:
                 running = (await reply.json())["queue_running"]
             ids = [item[1] for item in running if item[2]["1"]["inputs"].get("job_id") == task_uuid]
-            if ids:
+            if ids:  # again until it stops: ComfyUI clears the flag when a prompt starts
+                seen = True
                 async with client.post(f"{http}/interrupt", json={"prompt_id": ids[0]}):
-                    return
-            await asyncio.sleep(0.1)
+                    pass
+            elif seen:
+                return
+            await asyncio.sleep(0.2)
 
 
 async def cancelled(rw: Runware, http_url: str) -> None:

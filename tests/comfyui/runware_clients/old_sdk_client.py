@@ -42,17 +42,20 @@ def request(**over) -> IImageInference:
 
 
 async def interrupt_when_running(http: str, task_uuid: str) -> None:
-    """Press ComfyUI's cancel (POST /interrupt) once the task's prompt runs."""
+    """Press ComfyUI's cancel (POST /interrupt) while the task's prompt runs."""
     import httpx
 
     async with httpx.AsyncClient() as client:
+        seen = False
         for _ in range(600):
             running = (await client.get(f"{http}/queue")).json()["queue_running"]
             ids = [item[1] for item in running if item[2]["1"]["inputs"].get("job_id") == task_uuid]
-            if ids:
+            if ids:  # again until it stops: ComfyUI clears the flag when a prompt starts
+                seen = True
                 await client.post(f"{http}/interrupt", json={"prompt_id": ids[0]})
+            elif seen:
                 return
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
 
 
 async def cancelled(rw: Runware, url: str) -> None:
