@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-DEMO_WORKFLOW = ROOT / "workflows" / "hidream_i1_full_t2i_api.json"
+DEMO_WORKFLOW = ROOT / "workflows" / "api" / "hidream_i1_full_t2i.json"
 
 
 def _tiny_models(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """Progress and cancel, inside ComfyUI or not.
 
-Inside ComfyUI the sampler drives ``comfy.utils.ProgressBar`` (the bar in the UI) and asks
-``comfy.model_management`` whether the user pressed cancel. Outside ComfyUI (CLI, tests)
-a plain callback gets ``(step, total)`` and may raise ``Interrupted`` to stop.
+Inside ComfyUI the sampler drives ``comfy.utils.ProgressBar`` (the bar in the UI, sent as
+websocket ``progress`` events), a console bar like KSampler's (tqdm, unless ComfyUI was
+started with ``--disable-progress-bars``...), and asks ``comfy.model_management`` whether the
+user pressed cancel. Outside ComfyUI (CLI, tests) a plain callback gets ``(step, total)`` and
+may raise ``Interrupted`` to stop.
 """
 
 from __future__ import annotations
@@ -23,7 +25,25 @@ def _comfy_progress(total: int) -> StepCallback | None:
     except ImportError:
         return None
     bar = comfy.utils.ProgressBar(total)
-    return lambda step, total_steps: bar.update_absolute(step, total_steps)
+    console = _console_bar(total) if getattr(comfy.utils, "PROGRESS_BAR_ENABLED", True) else None
+
+    def update(step: int, total_steps: int) -> None:
+        bar.update_absolute(step, total_steps)
+        if console is not None:
+            console.update(step - console.n)
+            if step >= total_steps:
+                console.close()
+
+    return update
+
+
+def _console_bar(total: int):
+    """The server console's bar (KSampler shows one there too); None where tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="HiDream-I1", unit="step", leave=True)
 
 
 def _comfy_interrupt_check() -> Callable[[], None] | None:

@@ -17,7 +17,7 @@ FlowMatchEuler/Heun ``shift(linspace(1, shift(1/1000), N))``; UniPC ``shift(lins
 N + 1)[:-1])``; DPM-Solver/DEIS ``shift(linspace(0.999, 0, N + 1)[:-1])``; each then 0; for the
 engine samplers "native" means uniform) or one of ``sigmas.SIGMA_SCHEDULES``, which replace the
 scheduler's sigmas after ``set_timesteps``. ``NAME_TABLE`` is the single source of truth; the
-README table is generated from it (``scheduler_table_markdown``).
+table in docs/schedulers.md is generated from it (``scheduler_table_markdown``).
 
 Names beyond one algorithm: "DPM++" = "DPM++ 2M" and "UniPC" = "UniPC 2M" (the diffusers
 defaults); "X Uniform Y" = "X Y" (the Y spacing between the uniform schedule's ends);
@@ -402,7 +402,7 @@ class DiffusersFlowSampler:
 
 
 def scheduler_table_markdown() -> str:
-    """The README table: every name, what family runs, its order, noise, schedule and implementation."""
+    """The docs/schedulers.md table: every name, what family runs, its order, noise, schedule and implementation."""
     rows = [
         "| Name | Family | Order | Stochastic | Sigma schedule | Implementation | Note |",
         "|---|---|---|---|---|---|---|",

@@ -359,6 +359,27 @@ def write_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0)
     return paths
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "w1", "w2", "w3")
+
+
+def write_tiny_lora(path: Path, *, seed: int, rank: int = 4, alpha: float = 8.0) -> Path:
+    """A kohya-format LoRA (``lora_unet_*`` keys, ``.alpha`` per module) for the tiny transformer.
+
+    The layout most HiDream LoRAs in the wild use; random factors (nonzero ``up``) so the LoRA
+    visibly changes the image. Used by the real-ComfyUI suite for the workflows that name LoRA
+    files, and handy for trying the LoRA nodes on tiny models.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in build_transformer(0).named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS:
+            flat = "lora_unet_" + name.replace(".", "_")
+            state[f"{flat}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.2
+            state[f"{flat}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.2
+            state[f"{flat}.alpha"] = torch.tensor(alpha)
+    return _save(state, Path(path))
+
+
 MANIFEST = "tiny_models.json"
 
 

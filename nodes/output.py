@@ -143,6 +143,9 @@ class HiDreamI1SaveImage:
                         "default": -1,
                         "min": -1,
                         "max": task.SEED_MAX,
+                        # Not a generation seed: without this the editor adds a randomize control
+                        # to every INT named seed and reports a seed the image was not made with.
+                        "control_after_generate": False,
                         "tooltip": "Seed of the first image for the response (image i: seed + i); -1 = no seed field.",
                     },
                 ),

@@ -20,8 +20,8 @@ from hidream_pack.nodes._executor import CORE_NODES, load_workflow, run_api_work
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-API_FILES = sorted((ROOT / "workflows").glob("*_api.json"))
-UI_FILES = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
+UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 MAPPINGS = hidream_pack.NODE_CLASS_MAPPINGS
 # What each ComfyUI type must be at run time.
 RUNTIME_TYPES = {
@@ -43,6 +43,11 @@ def _input_specs(class_type: str) -> dict[str, tuple]:
     return {**types["required"], **types.get("optional", {})}
 
 
+def _socket_only(spec: tuple) -> bool:
+    """A ``forceInput`` input: a socket in the editor, never a widget."""
+    return len(spec) > 1 and bool(spec[1].get("forceInput"))
+
+
 def _output_types(class_type: str) -> list[str]:
     if class_type in CORE_NODES:
         return CORE_NODES[class_type]["outputs"]
@@ -51,13 +56,16 @@ def _output_types(class_type: str) -> list[str]:
 
 def test_workflow_files_exist_for_the_example_and_the_four_spec_tasks():
     names = {p.name for p in API_FILES}
-    assert "hidream_i1_full_t2i_api.json" in names
-    assert {
-        f"task_{t}_api.json" for t in ("cathedral", "orchard", "glasswright_caravan", "monorail")
-    } <= names
-    assert len(UI_FILES) == len(API_FILES)
-    for ui in UI_FILES:
-        assert (ROOT / "example_workflows" / ui.name).read_text() == ui.read_text()
+    assert "hidream_i1_full_t2i.json" in names
+    assert {f"task_{t}.json" for t in ("cathedral", "orchard", "glasswright_caravan", "monorail")} <= names
+    assert [p.name for p in UI_FILES] == sorted(names)
+    # One template folder: ComfyUI lists both but serves only one (duplicates and 404s).
+    assert not (ROOT / "example_workflows").exists()
+
+
+def test_every_node_of_the_pack_is_in_a_shipped_workflow():
+    used = {node["class_type"] for path in API_FILES for node in load_workflow(path).values()}
+    assert set(MAPPINGS) - used == set()
 
 
 def test_shipped_workflows_are_what_build_py_generates():
@@ -103,7 +111,8 @@ def test_ui_workflow_links_match_both_ends(path):
     nodes = {n["id"]: n for n in data["nodes"]}
     for link_id, src, src_slot, dst, dst_slot, kind in data["links"]:
         src_node, dst_node = nodes[src], nodes[dst]
-        assert _output_types(src_node["type"])[src_slot] == kind
+        declared = _output_types(src_node["type"])[src_slot]
+        assert (("COMBO" if isinstance(declared, list) else declared)) == kind
         assert (
             src_node["outputs"][src_slot]["type"] == kind
             and link_id in src_node["outputs"][src_slot]["links"]
@@ -114,8 +123,8 @@ def test_ui_workflow_links_match_both_ends(path):
     for node in data["nodes"]:
         assert node["type"] in MAPPINGS or node["type"] in CORE_NODES
         specs = _input_specs(node["type"])
-        linked = {i["name"] for i in node["inputs"]}
-        widgets = [n for n, s in specs.items() if n not in linked]
+        linked = {i["name"] for i in node["inputs"] if "widget" not in i}
+        widgets = [n for n, s in specs.items() if n not in linked and not _socket_only(s)]
         controls = sum(1 for n in widgets if len(specs[n]) > 1 and specs[n][1].get("control_after_generate"))
         assert len(node["widgets_values"]) == len(widgets) + controls, node["type"]
 
@@ -126,7 +135,7 @@ def tiny_paths(tmp_path_factory):
 
 
 def test_api_workflow_runs_through_the_node_classes_at_the_exact_size(tiny_paths, tmp_path):
-    graph = load_workflow(ROOT / "workflows" / "hidream_i1_full_t2i_api.json")
+    graph = load_workflow(ROOT / "workflows" / "api" / "hidream_i1_full_t2i.json")
     overrides = cli.demo_overrides(tiny_paths)
     overrides["HiDreamI1Sampler"] = {"width": 208, "height": 144, "steps": 2}
     graph = cli.apply_overrides(graph, overrides)
@@ -192,7 +201,7 @@ LORA_FILES = {"high": "hidream_composition_lora.safetensors", "low": "hidream_de
 
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])  # auto: a copy / per call
 def test_lora_stage_workflow_runs_and_each_lora_acts(tiny_paths, tiny_loras, tmp_path, weight_dtype, caplog):
-    graph = load_workflow(ROOT / "workflows" / "hidream_i1_full_lora_stages_api.json")
+    graph = load_workflow(ROOT / "workflows" / "api" / "hidream_i1_full_lora_stages.json")
     assert [graph[i]["inputs"]["stage"] for i in ("9", "10")] == ["high", "low"]
     assert [graph[i]["inputs"]["lora_name"] for i in ("9", "10")] == [LORA_FILES["high"], LORA_FILES["low"]]
     overrides = cli.demo_overrides(tiny_paths)

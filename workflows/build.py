@@ -1,12 +1,15 @@
 """Writes the shipped workflows from one graph description (run after changing a node's inputs).
 
-    python workflows/build.py          # rewrite workflows/*.json and example_workflows/*.json
+    python workflows/build.py          # rewrite workflows/*.json and workflows/api/*.json
     python workflows/build.py --check  # exit 1 if any shipped file differs (the tests do this)
 
-For each workflow it writes the API format (``*_api.json``, for ``comfy run --workflow``)
-and the UI format (``*.json``, drag into ComfyUI), the latter also into
-``example_workflows/`` where ComfyUI lists a pack's templates. UI widget values are laid
-out from each node's INPUT_TYPES, so they cannot drift from the node definitions.
+For each workflow it writes the UI format (``workflows/NAME.json``: drag into ComfyUI; ComfyUI
+lists every JSON file directly in ``workflows/`` as one of the pack's templates) and the API
+format (``workflows/api/NAME.json``, for ``comfy run --workflow``). Subfolders are not listed
+as templates, so the API twins and the task JSON (``workflows/tasks/``) live there. One
+template folder only: ComfyUI lists ``example_workflows/`` and ``workflows/`` both but serves
+files from just one of them. UI widget values are laid out from each node's INPUT_TYPES, so
+they cannot drift from the node definitions.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
-EXAMPLES = ROOT / "example_workflows"
-CORE_OUTPUTS: dict[str, list[str]] = {"SaveImage": []}
+API_DIR = WORKFLOWS / "api"
+CORE_OUTPUTS: dict[str, list[str]] = {"SaveImage": [], "PreviewImage": []}
 CORE_INPUTS: dict[str, dict] = {
     "SaveImage": {
         "required": {
             "images": ("IMAGE", {}),
             "filename_prefix": ("STRING", {"default": "ComfyUI"}),
         }
-    }
+    },
+    "PreviewImage": {"required": {"images": ("IMAGE", {})}},
 }
+# The folder name of HiDream-I1 Full in diffusers format under models/diffusers/.
+DIFFUSERS_FOLDER = "HiDream-I1-Full"
 
 # The Comfy-Org file names users download for HiDream-I1 Full.
 REAL_FILES = {
@@ -119,33 +125,142 @@ def t2i_graph(
 LORA_FILES = {"high": "hidream_composition_lora.safetensors", "low": "hidream_detail_lora.safetensors"}
 
 
-def lora_stages_graph() -> dict:
-    """The text-to-image graph with two chained LoRAs: one on the high-noise steps, one on the low."""
-    graph = t2i_graph(
-        "A lighthouse on a basalt cliff at dusk, oil painting with heavy impasto",
-        "blurry, low quality",
-        1024,
-        1024,
-        30,
-        5.0,
-        7,
-        "hidream_i1_lora_stages",
-    )
+def chain_model(graph: dict, patches: list[tuple[str, str, dict]]) -> dict:
+    """Insert MODEL patch nodes ``(id, class_type, inputs)`` between the loader and the sampler."""
     previous = ["1", 0]
-    for node_id, (stage, weight) in zip(("9", "10"), (("high", 0.8), ("low", 1.0)), strict=True):
-        graph[node_id] = {
-            "class_type": "HiDreamI1LoraLoader",
-            "inputs": {
-                "model": previous,
-                "lora_name": LORA_FILES[stage],
-                "weight": weight,
-                "stage": stage,
-                "boundary": 0.875,
-                "merge_at_boundary": "auto",
-            },
-        }
+    for node_id, class_type, inputs in patches:
+        graph[node_id] = {"class_type": class_type, "inputs": {"model": previous, **inputs}}
         previous = [node_id, 0]
     graph["6"]["inputs"]["model"] = previous
+    return graph
+
+
+def _example(prefix: str, prompt: str, steps: int = 30, seed: int = 42) -> dict:
+    return t2i_graph(prompt, "blurry, low quality", 1024, 1024, steps, 5.0, seed, prefix)
+
+
+def lora_stages_graph() -> dict:
+    """The text-to-image graph with two chained LoRAs: one on the high-noise steps, one on the low."""
+    graph = _example(
+        "hidream_i1_lora_stages",
+        "A lighthouse on a basalt cliff at dusk, oil painting with heavy impasto",
+        seed=7,
+    )
+    lora = {"boundary": 0.875, "merge_at_boundary": "auto"}
+    return chain_model(
+        graph,
+        [
+            (
+                "9",
+                "HiDreamI1LoraLoader",
+                {"lora_name": LORA_FILES["high"], "weight": 0.8, "stage": "high", **lora},
+            ),
+            (
+                "10",
+                "HiDreamI1LoraLoader",
+                {"lora_name": LORA_FILES["low"], "weight": 1.0, "stage": "low", **lora},
+            ),
+        ],
+    )
+
+
+WINDOW = {"start_step": -1, "end_step": -1, "start_percent": -1, "end_percent": -1, "max_consecutive": 3}
+FB_CACHE = ("HiDreamI1FirstBlockCache", {"threshold": 0.25, **WINDOW})
+TEA_CACHE = ("HiDreamI1TeaCache", {"distance": 0.5, "coefficients": "", **WINDOW})
+DB_CACHE = (
+    "HiDreamI1DBCache",
+    {"threshold": 0.25, "refresh_interval": 5, "front_blocks": 1, "back_blocks": 0, **WINDOW},
+)
+
+
+def cache_graph(prefix: str, caches: list[tuple[str, dict]]) -> dict:
+    """Text-to-image with step caches chained on the model (Runware's acceleratorOptions defaults)."""
+    graph = _example(prefix, "A glass greenhouse full of orchids in morning fog, soft light, 35mm photo")
+    patches = [(str(20 + i), class_type, dict(inputs)) for i, (class_type, inputs) in enumerate(caches)]
+    return chain_model(graph, patches)
+
+
+def runware_task_graph(task_text: str) -> dict:
+    """A Runware task split into typed values that drive the usual nodes; saved the Runware way."""
+    graph = t2i_graph("", "", 1024, 1024, 30, 5.0, 0, "unused")
+    graph["11"] = {"class_type": "HiDreamI1RunwareTask", "inputs": {"task_json": task_text, "task_index": 0}}
+    graph["4"]["inputs"].update(positive=["11", 0], negative=["11", 1])
+    graph["5"]["inputs"]["scheduler"] = ["11", 8]
+    graph["6"]["inputs"].update(
+        width=["11", 2], height=["11", 3], steps=["11", 4], cfg=["11", 5], seed=["11", 6], batch=["11", 7]
+    )
+    graph["8"] = save_runware(["7", 0], "hidream_runware_task", task_json=["11", 14])
+    return graph
+
+
+def save_runware(images: list, prefix: str, **inputs: object) -> dict:
+    """HiDream-I1 Save Image (Runware) with every widget spelled out (``inputs`` override them)."""
+    widgets: dict[str, object] = {
+        "filename_prefix": prefix,
+        "output_format": "PNG",
+        "output_quality": 95,
+        "output_type": "URL",
+        "delivery_method": "sync",
+        "ttl": 0,
+        "include_metadata": True,
+        "task_uuid": "",
+        "seed": -1,
+        "upload_endpoint": "",
+        "webhook_url": "",
+        "view_base_url": "",
+    }
+    return {"class_type": "HiDreamI1SaveImage", "inputs": {"images": images, **widgets, **inputs}}
+
+
+def run_runware_task_graph(task_text: str) -> dict:
+    """The all-in-one node: loaders plus a task JSON; its images also go to core Save Image."""
+    graph = {key: t2i_graph("", "", 1024, 1024, 30, 5.0, 0, "")[key] for key in ("1", "2", "3")}
+    graph["4"] = {
+        "class_type": "HiDreamI1RunRunwareTask",
+        "inputs": {
+            "model": ["1", 0],
+            "text_encoders": ["2", 0],
+            "vae": ["3", 0],
+            "task_json": task_text,
+            "price_per_hour": 0.0,
+            "safety_mask": "blur",
+        },
+    }
+    graph["5"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["4", 1], "filename_prefix": "hidream_run_task"},
+    }
+    return graph
+
+
+def safety_graph() -> dict:
+    """Text-to-image, then the safety check (masks flagged images), saved as a Runware dataURI PNG."""
+    graph = _example("unused", "A marble statue of a discus thrower in a museum hall, studio lighting")
+    graph["9"] = {
+        "class_type": "HiDreamI1SafetyCheck",
+        "inputs": {"images": ["7", 0], "mode": "fast", "mask_method": "blur", "threshold": 0.4},
+    }
+    graph["8"] = save_runware(["9", 0], "hidream_safety_checked", output_type="dataURI", output_format="WEBP")
+    return graph
+
+
+def diffusers_graph() -> dict:
+    """Text-to-image from a diffusers-format folder (models/diffusers/HiDream-I1-Full)."""
+    graph = _example("hidream_i1_diffusers", "A paper boat on a rain puddle, city reflections, macro photo")
+    for key in ("2", "3"):
+        del graph[key]
+    graph["1"] = {
+        "class_type": "HiDreamI1DiffusersLoader",
+        "inputs": {
+            "folder": DIFFUSERS_FOLDER,
+            "variant": "auto",
+            "llama": "(from folder)",
+            "dtype": "bf16",
+            "weights": "offload",
+        },
+    }
+    graph["4"]["inputs"]["text_encoders"] = ["1", 1]
+    graph["7"]["inputs"]["vae"] = ["1", 2]
     return graph
 
 
@@ -160,8 +275,26 @@ def _node_types(class_type: str) -> tuple[dict, list[str], list[str]]:
 
 
 def is_widget(spec: tuple) -> bool:
+    """Whether the editor draws the input as a widget (``forceInput`` ones are sockets only)."""
     kind = spec[0]
+    if len(spec) > 1 and spec[1].get("forceInput"):
+        return False
     return isinstance(kind, list | tuple) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _ui_type(kind: object) -> str:
+    """The editor's name for a socket type: a list of choices is a COMBO."""
+    return "COMBO" if isinstance(kind, list | tuple) else str(kind)
+
+
+def _widget_values(spec: tuple, value: object) -> list:
+    """The widget's value, plus the editor's ``control after generate`` value where it adds one.
+
+    The editor adds that control to INTs that ask for it and to every INT named ``seed`` or
+    ``noise_seed`` unless the input says ``control_after_generate: False``.
+    """
+    options = spec[1] if len(spec) > 1 else {}
+    return [value, "fixed"] if options.get("control_after_generate") else [value]
 
 
 def to_ui(graph: dict) -> dict:
@@ -181,16 +314,16 @@ def to_ui(graph: dict) -> dict:
             value = node["inputs"].get(name, spec[1].get("default") if len(spec) > 1 else None)
             if isinstance(value, list):
                 link_id = len(links) + 1
-                src_types = _node_types(graph[value[0]]["class_type"])[1]
-                links.append(
-                    [link_id, int(value[0]), value[1], int(node_id), len(ui_inputs), src_types[value[1]]]
-                )
+                src_type = _ui_type(_node_types(graph[value[0]]["class_type"])[1][value[1]])
+                links.append([link_id, int(value[0]), value[1], int(node_id), len(ui_inputs), src_type])
                 out_links[(value[0], value[1])].append(link_id)
-                ui_inputs.append({"name": name, "type": spec[0], "link": link_id})
+                entry = {"name": name, "type": _ui_type(spec[0]), "link": link_id}
+                if is_widget(spec):  # a widget fed by a link keeps its slot in widgets_values
+                    entry["widget"] = {"name": name}
+                    widgets.extend(_widget_values(spec, spec[1].get("default") if len(spec) > 1 else None))
+                ui_inputs.append(entry)
             elif is_widget(spec):
-                widgets.append(value)
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
-                    widgets.append("fixed")
+                widgets.extend(_widget_values(spec, value))
         nodes.append(
             {
                 "id": int(node_id),
@@ -204,7 +337,7 @@ def to_ui(graph: dict) -> dict:
                 "outputs": [
                     {
                         "name": name,
-                        "type": rtype,
+                        "type": _ui_type(rtype),
                         "links": out_links.get((node_id, slot), []),
                         "slot_index": slot,
                     }
@@ -226,8 +359,12 @@ def to_ui(graph: dict) -> dict:
     }
 
 
+def _task_text(name: str) -> str:
+    return (WORKFLOWS / "tasks" / f"{name}.json").read_text(encoding="utf-8")
+
+
 def all_workflows() -> dict[str, dict]:
-    """name -> API graph: the basic example, the LoRA stage example, one per spec example task."""
+    """name -> API graph: one workflow per feature, every node of the pack in at least one."""
     flows = {
         "hidream_i1_full_t2i": t2i_graph(
             "A red fox reading a newspaper in a sunlit Paris cafe, photorealistic",
@@ -238,9 +375,17 @@ def all_workflows() -> dict[str, dict]:
             5.0,
             42,
             "hidream_i1_full",
-        )
+        ),
+        "hidream_i1_full_lora_stages": lora_stages_graph(),
+        "hidream_i1_full_first_block_cache": cache_graph("hidream_i1_fbcache", [FB_CACHE]),
+        "hidream_i1_full_teacache": cache_graph("hidream_i1_teacache", [TEA_CACHE]),
+        "hidream_i1_full_dbcache": cache_graph("hidream_i1_dbcache", [DB_CACHE]),
+        "hidream_i1_full_teacache_dbcache": cache_graph("hidream_i1_tea_db", [DB_CACHE, TEA_CACHE]),
+        "hidream_i1_runware_task": runware_task_graph(_task_text("orchard")),
+        "hidream_i1_run_runware_task": run_runware_task_graph(_task_text("glasswright_caravan")),
+        "hidream_i1_full_safety_check": safety_graph(),
+        "hidream_i1_diffusers_folder": diffusers_graph(),
     }
-    flows["hidream_i1_full_lora_stages"] = lora_stages_graph()
     for task_file in sorted((WORKFLOWS / "tasks").glob("*.json")):
         task = json.loads(task_file.read_text())
         task = task[0] if isinstance(task, list) else task
@@ -260,10 +405,8 @@ def all_workflows() -> dict[str, dict]:
 def rendered() -> dict[Path, str]:
     files = {}
     for name, graph in all_workflows().items():
-        files[WORKFLOWS / f"{name}_api.json"] = json.dumps(graph, indent=2) + "\n"
-        ui = json.dumps(to_ui(graph), indent=2) + "\n"
-        files[WORKFLOWS / f"{name}.json"] = ui
-        files[EXAMPLES / f"{name}.json"] = ui
+        files[API_DIR / f"{name}.json"] = json.dumps(graph, indent=2) + "\n"
+        files[WORKFLOWS / f"{name}.json"] = json.dumps(to_ui(graph), indent=2) + "\n"
     return files
 
 

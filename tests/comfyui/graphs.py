@@ -1,0 +1,70 @@
+"""The shipped workflows as the suite runs them: shrunk to tiny sizes and a few steps."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from harness import PACK_ROOT
+
+WORKFLOWS = PACK_ROOT / "workflows"
+API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+MAX_SIDE = 256
+STEPS = 3
+TASK_NODES = ("HiDreamI1RunwareTask", "HiDreamI1RunRunwareTask")
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _shrink_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """At most MAX_SIDE on the long side, the aspect ratio kept as closely as ``multiple`` allows."""
+    scale = MAX_SIDE / max(width, height)
+    return tuple(max(128, round(side * scale / multiple) * multiple) for side in (width, height))
+
+
+def _shrink_task(text: str) -> str:
+    tasks = json.loads(text)
+    for task in tasks if isinstance(tasks, list) else [tasks]:
+        task["width"], task["height"] = _shrink_size(task.get("width", 1024), task.get("height", 1024), 64)
+        task["steps"] = STEPS
+    return json.dumps(tasks, indent=2)
+
+
+def shrink(graph: dict) -> dict:
+    """A copy with every size at most MAX_SIDE px and STEPS sampling steps (widgets only)."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "HiDreamI1Sampler":
+            if isinstance(inputs["width"], int):
+                inputs["width"], inputs["height"] = _shrink_size(inputs["width"], inputs["height"], 16)
+            if isinstance(inputs["steps"], int):
+                inputs["steps"] = STEPS
+        if node["class_type"] in TASK_NODES:
+            inputs["task_json"] = _shrink_task(inputs["task_json"])
+    return graph
+
+
+def requested_sizes(graph: dict) -> set[tuple[int, int]]:
+    """Every (width, height) the graph asks for: sampler widgets, or the tasks' width/height."""
+    sizes = set()
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "HiDreamI1Sampler" and isinstance(inputs["width"], int):
+            sizes.add((inputs["width"], inputs["height"]))
+        if node["class_type"] in TASK_NODES:
+            tasks = json.loads(inputs["task_json"])
+            for task in tasks if isinstance(tasks, list) else [tasks]:
+                sizes.add((task["width"], task["height"]))
+    return sizes
+
+
+def t2i(**sampler: object) -> dict:
+    """The shipped text-to-image graph, shrunk, with sampler widgets replaced."""
+    graph = shrink(load(WORKFLOWS / "api" / "hidream_i1_full_t2i.json"))
+    graph["6"]["inputs"].update(sampler)
+    return graph
