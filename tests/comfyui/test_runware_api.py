@@ -1,7 +1,7 @@
 """The Runware API (/runware/v1) in a real ComfyUI, by raw HTTP/WebSocket and by Runware's SDKs.
 
-One ComfyUI with the pack under custom_nodes/ and tiny models (started here, or the one
-given by COMFY_URL + COMFY_BASE). Tests write the API key file and ``models.json`` into its
+The suite's one ComfyUI (tests/comfyui/conftest.py: the pack under custom_nodes/, tiny
+models). Tests write the API key file and ``models.json`` into its
 user folder before calling, as a user would. Images are 128x128 with 2 steps (about 0.5 s
 each on a CPU); the cancel tests use 400 steps and press ComfyUI's own cancel.
 
@@ -23,20 +23,54 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import harness  # tests/comfyui/conftest.py puts this folder on sys.path
 import pytest
 import requests
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import runware_server  # noqa: E402
-from runware_server import KEY, ComfyServer  # noqa: E402
-
-comfy_server = runware_server.comfy_server  # the session's ComfyUI (a fixture)
-
+KEY = "test-key-9f3c2a"
+LORA_AIR = "civitai:1@1"
 MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "JPG": b"\xff\xd8\xff", "WEBP": b"RIFF"}
 MIME = {"PNG": "image/png", "JPG": "image/jpeg", "WEBP": "image/webp"}
+
+
+@dataclass
+class ComfyServer:
+    """The suite's ComfyUI, seen from the API: its URL and the folders under its base directory."""
+
+    url: str
+    base: Path
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/runware/v1"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def log_path(self) -> Path | None:
+        path = self.base / "server.log"  # where the harness writes it when it starts the server
+        return path if path.is_file() else None
+
+    def configure(self, key: str | None = KEY) -> None:
+        """Write the key file (None: remove it, API off) and models.json: tiny models in fp32."""
+        folder = self.base / "user" / "hidream_runware"
+        folder.mkdir(parents=True, exist_ok=True)
+        if key is None:
+            (folder / "api_key").unlink(missing_ok=True)
+        else:
+            (folder / "api_key").write_text(f"# test key\n{key}\n")
+        models = {
+            "runware:97@1": {"dtype": "fp32", "weights": "gpu"},
+            "loras": {LORA_AIR: harness.LORA_FILES[0]},
+            "pricePerHour": 3.6,
+        }
+        (folder / "models.json").write_text(json.dumps(models))
 
 
 def task(**over) -> dict:
@@ -55,10 +89,11 @@ def task(**over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def api(comfy_server: ComfyServer) -> ComfyServer:
-    comfy_server.configure()
-    yield comfy_server
-    comfy_server.configure()
+def api(comfy) -> ComfyServer:
+    server = ComfyServer(comfy.url, comfy.base)
+    server.configure()
+    yield server
+    server.configure()
 
 
 def post(server: ComfyServer, body, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, dict]:
