@@ -25,6 +25,11 @@ class HiDreamI1RunwareApiJob:
             }
         }
 
+    @classmethod
+    def IS_CHANGED(cls, job_id: str) -> float:
+        """Never reuse a cached run: a taskUUID may come back after its old job expired."""
+        return float("nan")
+
     def run(self, job_id: str) -> dict:
         return {"ui": run_job(job_id)}
 
