@@ -4,7 +4,10 @@
   real ComfyUI with the pack (started here on a free port, or ``--url``/``--base`` of a
   running one); the task goes through ComfyUI's prompt queue and the API job node.
 - in-process: ``hidream.task_runner.run_task`` on the same task, same model files, same
-  options (fp32, weights on the device, one thread), in this process.
+  options (fp32, weights on the device, one thread), in this process, under
+  ``torch.inference_mode()`` as ComfyUI runs every node (``--no-inference-mode``: only the
+  engine's own ``no_grad``, as ``python . run``; that side is then ~10% slower on these tiny
+  models, which is not the API's doing).
 
 Tiny random-weight models (``python . tiny-models``), so every fixed cost of the API (HTTP,
 JSON, queue, job node, base64) weighs as much as it ever will against the model's own time.
@@ -114,12 +117,16 @@ def run_api(url: str, body: dict) -> tuple[float, bytes]:
     return wall, base64.b64decode(data["data"][0]["imageBase64Data"])
 
 
-def run_in_process(models, body: dict, out_dir: Path) -> tuple[float, bytes]:
+def run_in_process(models, body: dict, out_dir: Path, inference_mode: bool) -> tuple[float, bytes]:
+    import contextlib
+
+    import torch
     from hidream_pack.hidream.task import parse_tasks
     from hidream_pack.hidream.task_runner import run_task
 
     start = time.perf_counter()
-    run = run_task(parse_tasks(body)[0], models, output_root=out_dir)
+    with torch.inference_mode() if inference_mode else contextlib.nullcontext():
+        run = run_task(parse_tasks(body)[0], models, output_root=out_dir)
     wall = time.perf_counter() - start
     return wall, base64.b64decode(run.responses[0]["imageBase64Data"])
 
@@ -132,6 +139,12 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=12)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument(
+        "--no-inference-mode",
+        dest="inference_mode",
+        action="store_false",
+        help="in-process side under torch.no_grad only (as `python . run`), not inference_mode as ComfyUI runs nodes",
+    )
     parser.add_argument("--url", default=None, help="a running ComfyUI with the pack (needs --base)")
     parser.add_argument("--base", default=None, help="that ComfyUI's --base-directory (user/, models/)")
     args = parser.parse_args()
@@ -153,7 +166,7 @@ def main() -> int:
         config.set_user_dir(base / "user")
         models = config.MODELS.get(config.settings().entry)  # the same files and options as the API
         run_api(url, task(0, args.size, args.steps))  # warm-up: the server loads its models
-        run_in_process(models, task(0, args.size, args.steps), tmp / "out")
+        run_in_process(models, task(0, args.size, args.steps), tmp / "out", args.inference_mode)
         api_walls, local_walls = [], []
         for i in range(args.tasks):
             body = task(1000 + i, args.size, args.steps)
@@ -163,7 +176,9 @@ def main() -> int:
                 if side == "api":
                     got[side] = run_api(url, {**body, "taskUUID": str(uuid.uuid4())})
                 else:
-                    got[side] = run_in_process(models, {**body, "taskUUID": str(uuid.uuid4())}, tmp / "out")
+                    got[side] = run_in_process(
+                        models, {**body, "taskUUID": str(uuid.uuid4())}, tmp / "out", args.inference_mode
+                    )
             same = pixels(got["api"][1]) == pixels(got["local"][1])
             api_walls.append(got["api"][0])
             local_walls.append(got["local"][0])
