@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -82,7 +83,10 @@ class ComfyQueue:
 
 
 def _base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
+    """Where URL images are fetched from: $HIDREAM_VIEW_BASE_URL (behind a proxy), else the host asked."""
+    from ..hidream.output import BASE_URL_ENV
+
+    return os.environ.get(BASE_URL_ENV) or f"{request.scheme}://{request.host}"
 
 
 def _bearer(request: web.Request) -> str | None:
