@@ -8,7 +8,8 @@ from ..runware_api.jobs import run_job
 class HiDreamI1RunwareApiJob:
     NODE_ID = "HiDreamI1RunwareApiJob"
     TITLE = "HiDream-I1 Runware API Job"
-    CATEGORY = "HiDream/API"
+    CATEGORY = "HiDream"
+    API_ONLY = True  # runs only jobs the API queued: no shipped workflow can use it
     DESCRIPTION = (
         "Runs one imageInference task received by the pack's Runware API (/runware/v1). The API queues it "
         "by itself; it is a node so the task waits its turn in ComfyUI's queue and can be cancelled there."
