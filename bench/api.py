@@ -36,7 +36,7 @@ from pathlib import Path
 from _common import ROOT, load_pack, setup_threads
 
 KEY = "bench-" + uuid.uuid4().hex
-DEFAULT_COMFYUI = Path(os.environ.get("COMFYUI_DIR", "/work/main/.comfyui/ComfyUI"))
+DEFAULT_COMFYUI = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfyui" / "ComfyUI")  # as tests/comfyui
 
 
 def task(seed: int, size: int, steps: int) -> dict:

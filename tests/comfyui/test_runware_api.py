@@ -177,7 +177,7 @@ def test_every_output_type_and_format(api):
 
 
 def test_async_then_get_response_before_and_after(api):
-    blocker = task(steps=40, deliveryMethod="async")
+    blocker = task(steps=20, deliveryMethod="async")
     target = task(numberResults=2, deliveryMethod="async", outputType="base64Data", seed=9)
     status, body = post(api, [blocker, target])
     assert status == 200
@@ -192,7 +192,7 @@ def test_async_then_get_response_before_and_after(api):
     assert [i["status"] for i in early["data"]] == ["processing", "processing"]
     announced = [i["imageUUID"] for i in early["data"]]
     assert all("imageBase64Data" not in i and "imageURL" not in i for i in early["data"])
-    end = time.time() + 120
+    end = time.time() + 600  # generous: these shared CPUs can be 5x slower than idle
     while time.time() < end:
         status, late = post(api, poll)
         if late["data"][0]["status"] == "success":
