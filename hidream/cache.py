@@ -18,11 +18,16 @@ Decision rules, shared by all methods (see ``cache_config`` for the options):
 TeaCache decides first; when it computes, the block cache (FB or DB) may still reuse.
 Our sampler runs uncond and cond as one batch of two: one decision for both (as cache-dit and
 ComfyUI-TeaCache do for batched CFG). Calls run apart pass ``policy(branch)`` to keep apart.
+A host that batches several conds but wants each to keep its own state (ComfyUI's native
+MODEL, which may batch cond and uncond or run them apart depending on memory) passes
+``lanes_policy``: every lane (a row range of the batch) decides on its own rows with its own
+state; lanes that agree run as one batch, and a mixed call runs the blocks only for the rows
+that compute, so the decisions are the same whether the host batches or not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -71,6 +76,7 @@ class StepRecord:
     reused: tuple[str, ...] = ()
     distances: dict[str, object] = field(default_factory=dict)
     blocks_run: int = 0
+    branch: str = ""
 
     def distance(self, name: str) -> float | None:
         value = self.distances.get(name)
@@ -95,6 +101,55 @@ class _Branch:
     tea_prev: torch.Tensor | None = None
     tea_acc: float = 0.0
     tea_residual: torch.Tensor | None = None
+
+
+@dataclass
+class _Lane:
+    """Rows ``start:stop`` of one forward's batch that belong to one branch."""
+
+    branch: _Branch
+    start: int
+    stop: int
+    rec: StepRecord
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
+    return t if index is None or t.shape[0] != batch else t.index_select(0, index)
+
+
+def _restrict(ctx: ForwardContext, lanes: list[_Lane], all_lanes: list[_Lane], *streams: torch.Tensor):
+    """``ctx`` and ``streams`` cut to the rows of ``lanes``, plus those lanes re-based to the cut
+    batch. Nothing is copied when ``lanes`` is every lane (the batched, bit-identical path)."""
+    if len(lanes) == len(all_lanes):
+        return ctx, lanes, streams
+    index = torch.cat([torch.arange(ln.start, ln.stop) for ln in lanes]).to(ctx.img.device)
+    batch = ctx.img.shape[0]
+    cut = replace(
+        ctx,
+        img=_take(ctx.img, index, batch),
+        txt=_take(ctx.txt, index, batch),
+        temb=_take(ctx.temb, index, batch),
+        llama=[_take(t, index, batch) for t in ctx.llama],
+        rope=_take(ctx.rope, index, batch),
+        t_emb=None if ctx.t_emb is None else _take(ctx.t_emb, index, batch),
+        batch=int(index.numel()),
+    )
+    rebased, at = [], 0
+    for ln in lanes:
+        rebased.append(_Lane(ln.branch, at, at + ln.stop - ln.start, ln.rec))
+        at += ln.stop - ln.start
+    return cut, rebased, tuple(_take(t, index, batch) for t in streams)
+
+
+def _assemble(lanes: list[_Lane], parts: dict[int, torch.Tensor], whole: torch.Tensor | None) -> torch.Tensor:
+    """The batch back in lane order; ``whole`` when one group covered every lane."""
+    if whole is not None:
+        return whole
+    return torch.cat([parts[id(ln)] for ln in lanes], dim=0)
 
 
 class CacheSession:
@@ -139,30 +194,55 @@ class CacheSession:
     def policy(self, branch: str = ""):
         """The runner's policy. A sampler that runs cond and uncond as separate calls passes a
         different ``branch`` for each, so they keep separate state; ours batches them."""
-        return lambda runner, ctx: self._forward(runner, ctx, self._branches.setdefault(branch, _Branch()))
+        return lambda runner, ctx: self.lanes_policy(((branch, 0, ctx.img.shape[0]),))(runner, ctx)
+
+    def lanes_policy(self, lanes: tuple[tuple[str, int, int], ...]):
+        """A policy for one forward whose batch holds several branches: ``(branch, start, stop)``
+        row ranges, each deciding with its own state (see the module docstring)."""
+
+        def run(runner: TransformerRunner, ctx: ForwardContext) -> torch.Tensor:
+            made = []
+            for name, start, stop in lanes:
+                rec = StepRecord(step=self._step, branch=name)
+                self.records.append(rec)
+                made.append(_Lane(self._branches.setdefault(name, _Branch()), start, stop, rec))
+            return self._forward(runner, ctx, made)
+
+        return run
 
     # -- the forward ---------------------------------------------------------------
-    def _forward(self, runner: TransformerRunner, ctx: ForwardContext, b: _Branch) -> torch.Tensor:
+    def _forward(self, runner: TransformerRunner, ctx: ForwardContext, lanes: list[_Lane]) -> torch.Tensor:
         if not self._checked:
             self._check_model(runner)
-        rec = StepRecord(step=self._step)
-        self.records.append(rec)
-        if self.tea is not None and self._tea_decide(ctx, rec, b):
-            rec.reused = ("tea",)
-            for gate in b.gates.values():
-                gate.record(True)  # the block caches' blocks did not run either
-            return kernels.add_residual(ctx.img, b.tea_residual)
-        if isinstance(self.block, FirstBlockCacheConfig):
-            img = self._first_block(runner, ctx, rec, b)
-        elif isinstance(self.block, DBCacheConfig):
-            img = self._db_cache(runner, ctx, rec, b)
-        else:
-            img, _ = runner.run_blocks(ctx, 0, runner.num_blocks, ctx.img, ctx.txt)
-            rec.blocks_run = runner.num_blocks
+        parts: dict[int, torch.Tensor] = {}
+        todo = lanes
         if self.tea is not None:
-            b.gates["tea"].record(bool(rec.reused))
-            b.tea_residual, _ = kernels.residual_and_l1(img, ctx.img, None)
-        return img
+            todo = []
+            for ln in lanes:
+                if self._tea_decide(ctx, ln):
+                    ln.rec.reused = ("tea",)
+                    for gate in ln.branch.gates.values():
+                        gate.record(True)  # the block caches' blocks did not run either
+                    parts[id(ln)] = kernels.add_residual(ctx.img[ln.rows], ln.branch.tea_residual)
+                else:
+                    todo.append(ln)
+            if not todo:
+                return _assemble(lanes, parts, parts[id(lanes[0])] if len(lanes) == 1 else None)
+        sub, sub_lanes, _ = _restrict(ctx, todo, lanes)
+        if isinstance(self.block, FirstBlockCacheConfig):
+            img = self._first_block(runner, sub, sub_lanes)
+        elif isinstance(self.block, DBCacheConfig):
+            img = self._db_cache(runner, sub, sub_lanes)
+        else:
+            img, _ = runner.run_blocks(sub, 0, runner.num_blocks, sub.img, sub.txt)
+            for ln in sub_lanes:
+                ln.rec.blocks_run = runner.num_blocks
+        for orig, ln in zip(todo, sub_lanes, strict=True):
+            if self.tea is not None:
+                ln.branch.gates["tea"].record(bool(ln.rec.reused))
+                ln.branch.tea_residual, _ = kernels.residual_and_l1(img[ln.rows], sub.img[ln.rows], None)
+            parts[id(orig)] = img[ln.rows]
+        return _assemble(lanes, parts, img if len(todo) == len(lanes) else None)
 
     def _check_model(self, runner: TransformerRunner) -> None:
         """DBCache's Fn/Bn must leave a middle block to cache in every block list."""
@@ -184,14 +264,15 @@ class CacheSession:
             return t_emb if t_emb is not None else ctx.temb
         return ctx.img
 
-    def _tea_decide(self, ctx: ForwardContext, rec: StepRecord, b: _Branch) -> bool:
-        cur, gate = self._tea_input(ctx), self._gate(b, "tea", self._windows["tea"])
+    def _tea_decide(self, ctx: ForwardContext, ln: _Lane) -> bool:
+        b, rec = ln.branch, ln.rec
+        cur, gate = self._tea_input(ctx)[ln.rows], self._gate(b, "tea", self._windows["tea"])
         prev, b.tea_prev = _same_shape(b.tea_prev, cur), cur
         usable = (
             self.tea.distance > 0.0  # 0 = never skip
             and prev is not None
             and b.tea_residual is not None
-            and b.tea_residual.shape == ctx.img.shape
+            and b.tea_residual.shape == ctx.img[ln.rows].shape
             and gate.may_reuse(self._step, self._forced)
         )
         if not usable:  # a computed call restarts the accumulation, as in TeaCache
@@ -204,9 +285,10 @@ class CacheSession:
         b.tea_acc = 0.0
         return False
 
-    def _decide(self, name: str, rec: StepRecord, b: _Branch, sums: _Sums, threshold: float) -> bool:
+    def _decide(self, name: str, ln: _Lane, sums: _Sums, threshold: float) -> bool:
         """One block-cache decision. 0 never reuses; 1.0 always does (cache-dit's "always
         similar"); the distance is read (a device sync) only when it decides something."""
+        b, rec = ln.branch, ln.rec
         gate, state = self._gate(b, name, self._windows["block"]), b.states[name]
         if sums is not None:
             rec.distances[name] = sums
@@ -222,19 +304,35 @@ class CacheSession:
             rec.reused += (name,)
         return hit
 
-    def _first_block(self, runner: TransformerRunner, ctx: ForwardContext, rec: StepRecord, b: _Branch):
-        state = b.states.setdefault("rest", _BlockState())
+    def _first_block(
+        self, runner: TransformerRunner, ctx: ForwardContext, lanes: list[_Lane]
+    ) -> torch.Tensor:
         img1, txt1 = runner.run_blocks(ctx, 0, 1, ctx.img, ctx.txt)
-        rec.blocks_run = 1
-        prev = state.prev_front[0] if state.prev_front else None
-        front, sums = kernels.residual_and_l1(img1, ctx.img, _same_shape(prev, img1))
-        if self._decide("rest", rec, b, sums, self.block.threshold):
-            return kernels.add_residual(img1, state.rest_img)
-        img, _ = runner.run_blocks(ctx, 1, runner.num_blocks, img1, txt1)
-        rec.blocks_run = runner.num_blocks
-        state.prev_front = (front,)
-        state.rest_img, _ = kernels.residual_and_l1(img, img1, None)
-        return img
+        parts: dict[int, torch.Tensor] = {}
+        misses, fronts = [], {}
+        for ln in lanes:
+            state = ln.branch.states.setdefault("rest", _BlockState())
+            ln.rec.blocks_run = 1
+            prev = state.prev_front[0] if state.prev_front else None
+            front, sums = kernels.residual_and_l1(
+                img1[ln.rows], ctx.img[ln.rows], _same_shape(prev, img1[ln.rows])
+            )
+            if self._decide("rest", ln, sums, self.block.threshold):
+                parts[id(ln)] = kernels.add_residual(img1[ln.rows], state.rest_img)
+            else:
+                misses.append(ln)
+                fronts[id(ln)] = front
+        if not misses:
+            return _assemble(lanes, parts, None if len(lanes) > 1 else parts[id(lanes[0])])
+        sub, sub_lanes, (s_img1, s_txt1) = _restrict(ctx, misses, lanes, img1, txt1)
+        img, _ = runner.run_blocks(sub, 1, runner.num_blocks, s_img1, s_txt1)
+        for orig, ln in zip(misses, sub_lanes, strict=True):
+            state = ln.branch.states["rest"]
+            ln.rec.blocks_run = runner.num_blocks
+            state.prev_front = (fronts[id(orig)],)
+            state.rest_img, _ = kernels.residual_and_l1(img[ln.rows], s_img1[ln.rows], None)
+            parts[id(orig)] = img[ln.rows]
+        return _assemble(lanes, parts, img if len(misses) == len(lanes) else None)
 
     @staticmethod
     def _segments(runner: TransformerRunner) -> dict[str, tuple[int, int]]:
@@ -242,37 +340,54 @@ class CacheSession:
         segments = {"double": (0, runner.num_double), "single": (runner.num_double, runner.num_blocks)}
         return {name: (a, b) for name, (a, b) in segments.items() if b > a}
 
-    def _db_cache(self, runner: TransformerRunner, ctx: ForwardContext, rec: StepRecord, b: _Branch):
+    def _db_cache(self, runner: TransformerRunner, ctx: ForwardContext, lanes: list[_Lane]) -> torch.Tensor:
         img, txt = ctx.img, ctx.txt
         for name, span in self._segments(runner).items():
-            img, txt = self._db_segment(runner, ctx, name, span, img, txt, rec, b)
+            img, txt = self._db_segment(runner, ctx, name, span, img, txt, lanes)
         return img
 
-    def _db_segment(
-        self, runner, ctx, name: str, span: tuple[int, int], img, txt, rec: StepRecord, b: _Branch
-    ):
+    def _db_segment(self, runner, ctx, name: str, span: tuple[int, int], img, txt, lanes: list[_Lane]):
         cfg: DBCacheConfig = self.block
         start, end = span
-        state = b.states.setdefault(name, _BlockState())
         fn_end, bn_start = start + cfg.front_blocks, end - cfg.back_blocks
         f_img, f_txt = runner.run_blocks(ctx, start, fn_end, img, txt)
-        prev = state.prev_front or (None, None)
-        front_img, sums = kernels.residual_and_l1(f_img, img, _same_shape(prev[0], f_img))
-        front = (front_img,)
-        if name == "single":  # cache-dit measures the single blocks' whole image+text sequence
-            front_txt, sums_txt = kernels.residual_and_l1(f_txt, txt, _same_shape(prev[1], f_txt))
-            front = (front_img, front_txt)
-            sums = sums + sums_txt if sums is not None and sums_txt is not None else None
-        if self._decide(name, rec, b, sums, cfg.threshold):
-            m_img = kernels.add_residual(f_img, state.rest_img)
-            m_txt = kernels.add_residual(f_txt, state.rest_txt)
-            rec.blocks_run += (fn_end - start) + (end - bn_start)
-        else:
-            m_img, m_txt = runner.run_blocks(ctx, fn_end, bn_start, f_img, f_txt)
-            state.prev_front = front
-            state.rest_img, _ = kernels.residual_and_l1(m_img, f_img, None)
-            state.rest_txt, _ = kernels.residual_and_l1(m_txt, f_txt, None)
-            rec.blocks_run += end - start
+        parts_img: dict[int, torch.Tensor] = {}
+        parts_txt: dict[int, torch.Tensor] = {}
+        misses, fronts = [], {}
+        for ln in lanes:
+            state = ln.branch.states.setdefault(name, _BlockState())
+            prev = state.prev_front or (None, None)
+            li, lt = f_img[ln.rows], f_txt[ln.rows]
+            front_img, sums = kernels.residual_and_l1(li, img[ln.rows], _same_shape(prev[0], li))
+            front = (front_img,)
+            if name == "single":  # cache-dit measures the single blocks' whole image+text sequence
+                front_txt, sums_txt = kernels.residual_and_l1(lt, txt[ln.rows], _same_shape(prev[1], lt))
+                front = (front_img, front_txt)
+                sums = sums + sums_txt if sums is not None and sums_txt is not None else None
+            if self._decide(name, ln, sums, cfg.threshold):
+                parts_img[id(ln)] = kernels.add_residual(li, state.rest_img)
+                parts_txt[id(ln)] = kernels.add_residual(lt, state.rest_txt)
+                ln.rec.blocks_run += (fn_end - start) + (end - bn_start)
+            else:
+                misses.append(ln)
+                fronts[id(ln)] = front
+        whole_img = whole_txt = None
+        if misses:
+            sub, sub_lanes, (s_img, s_txt) = _restrict(ctx, misses, lanes, f_img, f_txt)
+            m_img, m_txt = runner.run_blocks(sub, fn_end, bn_start, s_img, s_txt)
+            for orig, ln in zip(misses, sub_lanes, strict=True):
+                state = ln.branch.states[name]
+                state.prev_front = fronts[id(orig)]
+                state.rest_img, _ = kernels.residual_and_l1(m_img[ln.rows], s_img[ln.rows], None)
+                state.rest_txt, _ = kernels.residual_and_l1(m_txt[ln.rows], s_txt[ln.rows], None)
+                ln.rec.blocks_run += end - start
+                parts_img[id(orig)], parts_txt[id(orig)] = m_img[ln.rows], m_txt[ln.rows]
+            if len(misses) == len(lanes):
+                whole_img, whole_txt = m_img, m_txt
+        elif len(lanes) == 1:
+            whole_img, whole_txt = parts_img[id(lanes[0])], parts_txt[id(lanes[0])]
+        m_img = _assemble(lanes, parts_img, whole_img)
+        m_txt = _assemble(lanes, parts_txt, whole_txt)
         return runner.run_blocks(ctx, bn_start, end, m_img, m_txt)
 
     # -- telemetry -----------------------------------------------------------------

@@ -10,6 +10,7 @@ built.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,37 +62,98 @@ def _corrupt(field: str, path: Path, why: str) -> ValueError:
 
 
 def _sniff_pickle(head: bytes) -> bool:
-    """PyTorch zip checkpoints start with 'PK', raw pickles with the protocol byte 0x80."""
+    """PyTorch zip checkpoints start with 'PK', raw pickles with the protocol byte 0x80.
+
+    Only asked when the bytes are NOT a plausible safetensors header: a real safetensors file
+    starts with its header length (little-endian), whose low byte is 0x80 in 1 of 32 files.
+    """
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _pickle_error(field: str, path: Path) -> ValueError:
+    return ValueError(
+        f"{field}: {path.name!r} is a pickle/PyTorch checkpoint with a .safetensors name; "
+        "it is refused (pickle files can run code when opened); convert it to real .safetensors"
+    )
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _read_raw_header(path: Path, field: str) -> tuple[bytes, int, int]:
+    """(header bytes, header length, file size); safetensors is decided by its own framing."""
+    try:
+        if path.is_dir():
+            raise ValueError(f"{field}: {str(path)!r} is a folder, expected a .safetensors file")
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            plausible = 2 <= header_len <= _MAX_HEADER and 8 + header_len <= size
+            first = fh.read(1) if plausible else b""
+            if first != b"{":
+                if _sniff_pickle(head):
+                    raise _pickle_error(field, path)
+                if len(head) < 8:
+                    raise _corrupt(field, path, f"only {size} bytes")
+                why = "header is not valid JSON" if plausible else "truncated or corrupt header"
+                raise _corrupt(field, path, why)
+            raw = first + fh.read(header_len - 1)
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    return raw, header_len, size
+
+
+def _is_count(value: object) -> bool:
+    """A JSON integer >= 0 (booleans and floats are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(name: str, entry: object, field: str, path: Path) -> tuple[TensorInfo, int, int]:
+    """One header entry checked field by field: (info, start, end) or a one-line error."""
+    if not isinstance(entry, dict):
+        raise _corrupt(field, path, f"the entry of tensor {name!r} is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        shown = json.dumps(dtype)[:40]
+        raise _corrupt(field, path, f"tensor {name!r} has dtype {shown}; expected one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _corrupt(
+            field, path, f"tensor {name!r} has shape {json.dumps(shape)[:60]}; expected integers >= 0"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise _corrupt(
+            field,
+            path,
+            f"tensor {name!r} has data_offsets {json.dumps(offsets)[:60]}; expected [start, end] integers",
+        )
+    start, end = offsets
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - start != nbytes:
+        raise _corrupt(
+            field,
+            path,
+            f"tensor {name!r} of shape {shape} {dtype} needs {nbytes} bytes, its offsets give {end - start}",
+        )
+    return TensorInfo(dtype=dtype, shape=tuple(shape)), start, end
 
 
 def read_header(path: Path, field: str) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header without reading tensor data.
 
-    Raises ValueError (naming ``field`` and the file) for pickles, truncation and corruption.
+    Raises ValueError (naming ``field`` and the file) for pickles, truncation and corruption:
+    every entry's dtype, shape and offsets are checked, and the bytes they describe must be in
+    the file, so a hostile shape (``[2**40, 64]``) is refused before any allocation.
     """
     path = Path(path)
+    raw, header_len, size = _read_raw_header(path, field)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if _sniff_pickle(head):
-                raise ValueError(
-                    f"{field}: {path.name!r} is a pickle/PyTorch checkpoint with a .safetensors name; "
-                    "it is refused (pickle files can run code when opened); convert it to real .safetensors"
-                )
-            if len(head) < 8:
-                raise _corrupt(field, path, f"only {size} bytes")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > _MAX_HEADER or 8 + header_len > size:
-                raise _corrupt(field, path, "truncated or corrupt header")
-            raw = fh.read(header_len)
-    except OSError as exc:
-        raise ValueError(f"{field}: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise _corrupt(field, path, "header is not valid JSON") from exc
+    except RecursionError as exc:
+        raise _corrupt(field, path, "header is nested too deeply") from exc
     if not isinstance(header, dict):
         raise _corrupt(field, path, "header is not a JSON object")
     header.pop("__metadata__", None)
@@ -99,20 +161,8 @@ def read_header(path: Path, field: str) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     end_max = 0
     for name, entry in header.items():
-        try:
-            dtype, shape, (start, end) = (
-                entry["dtype"],
-                tuple(int(s) for s in entry["shape"]),
-                entry["data_offsets"],
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(field, path, f"bad header entry for {name!r}") from exc
-        if dtype not in DTYPES:
-            raise _corrupt(field, path, f"tensor {name!r} has unsupported dtype {dtype}")
-        if not 0 <= start <= end:
-            raise _corrupt(field, path, f"bad data offsets for {name!r}")
+        infos[name], _, end = _entry(name, entry, field, path)
         end_max = max(end_max, end)
-        infos[name] = TensorInfo(dtype=dtype, shape=shape)
     if end_max > data_len:
         raise _corrupt(
             field,
@@ -122,6 +172,27 @@ def read_header(path: Path, field: str) -> dict[str, TensorInfo]:
     if not infos:
         raise _corrupt(field, path, "it holds no tensors")
     return infos
+
+
+def check_weights(infos: dict[str, TensorInfo], field: str, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Every model weight is a float tensor with no zero-sized dimension (markers and ``ignore`` aside).
+
+    Integer, boolean or empty weights are never a real checkpoint's: refusing them here names
+    the tensor instead of failing deep inside a model constructor.
+    """
+    for name, info in infos.items():
+        if name == "scaled_fp8" or name.endswith(ignore or ("\0",)):
+            continue
+        if not DTYPES[info.dtype].is_floating_point:
+            raise _corrupt(
+                field, Path(path), f"tensor {name!r} is {info.dtype}; model weights are floating point"
+            )
+        if 0 in info.shape:
+            raise _corrupt(
+                field,
+                Path(path),
+                f"tensor {name!r} has shape {list(info.shape)}, with a zero-sized dimension",
+            )
 
 
 def load_state(
@@ -212,6 +283,8 @@ def clip_flavour(infos: dict[str, TensorInfo]) -> str | None:
 def require_kind(infos: dict[str, TensorInfo], expected: str, field: str, path: Path, hint: str) -> None:
     """Raise a clear error when a file holds another kind of model than the input expects."""
     found = detect_kind(infos)
+    if found == expected:
+        check_weights(infos, field, path, ignore=("position_ids",))
     if found != expected:
         raise ValueError(
             f"{field}: {Path(path).name!r} is {KIND_NAMES[found]}, expected {KIND_NAMES[expected]}; {hint}"

@@ -41,10 +41,13 @@ def base_config(name: str) -> dict:
     return json.loads(json.dumps(_base(name)))
 
 
-def _shape(infos: dict[str, TensorInfo], key: str) -> tuple[int, ...]:
+def _shape(infos: dict[str, TensorInfo], key: str, ndim: int = 2) -> tuple[int, ...]:
+    """The shape of ``key``, which must have ``ndim`` dimensions (a 1-D embedding is refused by name)."""
     info = infos.get(key)
     if info is None:
         raise KeyError(key)
+    if len(info.shape) != ndim:
+        raise ValueError(f"tensor {key!r} has shape {list(info.shape)}; expected {ndim} dimensions")
     return info.shape
 
 
@@ -157,15 +160,15 @@ def vae_config(infos: dict[str, TensorInfo]) -> dict:
     """``AutoencoderKL`` kwargs from a Flux ``ae.safetensors`` (original key names) state dict."""
     cfg = {k: v for k, v in base_config("flux_vae").items() if not k.startswith("_")}
     levels = count_indexed(infos, "encoder.down.")
-    widths = [_shape(infos, f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    widths = [_shape(infos, f"encoder.down.{i}.block.0.conv1.weight", 4)[0] for i in range(levels)]
     cfg.update(
-        in_channels=_shape(infos, "encoder.conv_in.weight")[1],
-        out_channels=_shape(infos, "decoder.conv_out.weight")[0],
+        in_channels=_shape(infos, "encoder.conv_in.weight", 4)[1],
+        out_channels=_shape(infos, "decoder.conv_out.weight", 4)[0],
         down_block_types=["DownEncoderBlock2D"] * levels,
         up_block_types=["UpDecoderBlock2D"] * levels,
         block_out_channels=widths,
         layers_per_block=count_indexed(infos, "encoder.down.0.block."),
-        latent_channels=_shape(infos, "encoder.conv_out.weight")[0] // 2,
+        latent_channels=_shape(infos, "encoder.conv_out.weight", 4)[0] // 2,
         norm_num_groups=math.gcd(32, min(widths)),
         use_quant_conv="quant_conv.weight" in infos,
         use_post_quant_conv="post_quant_conv.weight" in infos,

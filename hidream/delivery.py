@@ -11,10 +11,14 @@ Why this module is careful:
 - Retries are bounded (``MAX_TRIES``) with exponential backoff, only where trying again can
   help: connection errors, timeouts, 5xx, 408 and 429. Other 4xx mean the request itself is
   wrong. Redirects are not followed: a 3xx could forward the image to another host.
+- Time is bounded as a whole, not per socket read (a server trickling a byte every few
+  seconds never trips a read timeout): each try has a deadline (``TRY_DEADLINE_S``) after
+  which its sockets are shut down, and a task's deliveries share ``TASK_DEADLINE_S``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -29,10 +33,16 @@ log = logging.getLogger(__name__)
 
 MAX_TRIES = 3
 BASE_DELAY_S = 1.0  # waits 1 s, then 2 s between tries
-TIMEOUT_S = (10.0, 60.0)  # (connect, read) seconds per try
+TIMEOUT_S = (10.0, 30.0)  # (connect, read) seconds per socket operation
+TRY_DEADLINE_S = 60.0  # one try, start to end, however slowly a server trickles bytes
+TASK_DEADLINE_S = 180.0  # every upload and webhook of one task together (failures keep their files)
 URL_MAX_CHARS = 2048
 RETRY_4XX = (408, 429)  # request timeout and rate limit: trying again later can succeed
 _QUERY_RE = re.compile(r"\?[^\s'\"()<>,]+")
+# A path segment that looks like a token (Slack /services/T/B/<token>, Discord /webhooks/<id>/<token>):
+# 16+ URL-safe characters. Over-redacting a long file name is harmless; printing a token is not.
+_TOKEN_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_\-.~%+=]{16,}$")
+_secret_segments: set[str] = set()
 _filter_lock = threading.Lock()
 _filter_installed = False
 
@@ -70,7 +80,16 @@ def redact_url(url: Any) -> str:
     except ValueError:
         return "<unparseable URL>"
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "<redacted>" if parts.query else "", ""))
+    path = "/".join("<redacted>" if _TOKEN_SEGMENT_RE.match(seg) else seg for seg in parts.path.split("/"))
+    return urlunsplit((parts.scheme, host, path, "<redacted>" if parts.query else "", ""))
+
+
+def _path_secrets(url: str) -> list[str]:
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return []
+    return [seg for seg in path.split("/") if _TOKEN_SEGMENT_RE.match(seg)]
 
 
 def url_problem(url: Any) -> str | None:
@@ -117,8 +136,17 @@ def redact_secrets(obj: Any, urls: Sequence[str | None]) -> Any:
 def _scrub(text: str, url: str) -> str:
     """Remove every trace of ``url``'s query string from a message."""
     query = urlsplit(url).query if url_problem(url) is None else ""
+    text = text.replace(url, redact_url(url))
     if query:
-        text = text.replace(url, redact_url(url)).replace(query, "<redacted>")
+        text = text.replace(query, "<redacted>")
+    for secret in _path_secrets(url):
+        text = text.replace(secret, "<redacted>")
+    return _QUERY_RE.sub("?<redacted>", text)
+
+
+def _redact_known(text: str) -> str:
+    for secret in list(_secret_segments):
+        text = text.replace(secret, "<redacted>")
     return _QUERY_RE.sub("?<redacted>", text)
 
 
@@ -127,11 +155,9 @@ class _RedactQueryFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
-            record.msg = _QUERY_RE.sub("?<redacted>", record.msg)
+            record.msg = _redact_known(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                _QUERY_RE.sub("?<redacted>", arg) if isinstance(arg, str) else arg for arg in record.args
-            )
+            record.args = tuple(_redact_known(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 
@@ -141,6 +167,75 @@ def _install_log_filter() -> None:
         if not _filter_installed:
             logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueryFilter())
             _filter_installed = True
+
+
+class _Watchdog:
+    """Shuts down every socket a session opened once the deadline passes (unblocks any read)."""
+
+    def __init__(self) -> None:
+        self.sockets: list = []
+        self.fired = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def adapter(self) -> Any:
+        from requests.adapters import HTTPAdapter
+
+        watchdog = self
+
+        class _Adapter(HTTPAdapter):
+            def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Any:
+                pool = super().get_connection_with_tls_context(*args, **kwargs)
+                base = pool.ConnectionCls
+                if not getattr(base, "_hidream_watched", False):
+
+                    class Watched(base):  # type: ignore[misc, valid-type]
+                        _hidream_watched = True
+
+                        def _new_conn(self) -> Any:
+                            sock = super()._new_conn()
+                            watchdog.add(sock)
+                            return sock
+
+                    pool.ConnectionCls = Watched
+                return pool
+
+        return _Adapter(max_retries=0)
+
+    def add(self, sock: Any) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            fired = self.fired
+        if fired:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: Any) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sockets = list(self.sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    def start(self, seconds: float) -> None:
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _timeouts(timeout: float | tuple[float, float], left: float) -> tuple[float, float]:
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    return (max(min(connect, left), 0.001), max(min(read, left), 0.001))
 
 
 def _send(
@@ -153,11 +248,15 @@ def _send(
     base_delay: float | None,
     timeout: float | tuple[float, float] | None,
     image_uuid: str | None,
+    deadline: float | None = None,
+    try_deadline: float | None = None,
 ) -> DeliveryResult:
-    """None settings take the module defaults at call time (MAX_TRIES, BASE_DELAY_S, TIMEOUT_S)."""
+    """None settings take the module defaults at call time (MAX_TRIES, BASE_DELAY_S, TIMEOUT_S,
+    TRY_DEADLINE_S); ``deadline`` is a ``time.monotonic()`` instant after which nothing is tried."""
     tries = MAX_TRIES if tries is None else tries
     base_delay = BASE_DELAY_S if base_delay is None else base_delay
     timeout = TIMEOUT_S if timeout is None else timeout
+    try_deadline = TRY_DEADLINE_S if try_deadline is None else try_deadline
     shown = redact_url(url)
     problem = url_problem(url)
     if problem:
@@ -169,39 +268,57 @@ def _send(
     import requests
 
     _install_log_filter()
+    with _filter_lock:
+        _secret_segments.update(_path_secrets(url))
     errors: list[str] = []
     status = None
-    with requests.Session() as session:
-        for attempt in range(1, tries + 1):
-            retry = True
+    for attempt in range(1, tries + 1):
+        left = try_deadline if deadline is None else min(try_deadline, deadline - time.monotonic())
+        if left <= 0:
+            errors.append(f"attempt {attempt}/{tries}: not tried, the task's delivery deadline passed")
+            break
+        retry = True
+        watchdog = _Watchdog()
+        with requests.Session() as session:
+            session.mount("http://", watchdog.adapter())
+            session.mount("https://", watchdog.adapter())
+            watchdog.start(left)
             try:
                 response = session.request(
                     method,
                     url,
                     data=body,
                     headers={"Content-Type": content_type},
-                    timeout=timeout,
+                    timeout=_timeouts(timeout, left),
                     allow_redirects=False,
                 )
+                response.close()
             except (requests.ConnectionError, requests.Timeout) as exc:
                 error = _scrub(f"{type(exc).__name__}: {exc}", url)
             except requests.RequestException as exc:
                 error, retry = _scrub(f"{type(exc).__name__}: {exc}", url), False
             else:
                 status = response.status_code
-                response.close()
-                if 200 <= status < 300:
+                if 200 <= status < 300 and not watchdog.fired:
                     log.info("%s %s: HTTP %d after %d attempt(s)", kind, shown, status, attempt)
                     return DeliveryResult(kind, shown, True, status, attempt, tuple(errors), image_uuid)
                 error = f"HTTP {status} {_scrub(response.reason or '', url)}".rstrip()
                 if 300 <= status < 400:
                     error += " (redirects are not followed)"
                 retry = status >= 500 or status in RETRY_4XX
-            errors.append(f"attempt {attempt}/{tries}: {error}")
-            log.warning("%s %s failed, attempt %d/%d: %s", kind, shown, attempt, tries, error)
-            if not retry or attempt == tries:
-                break
-            time.sleep(base_delay * 2 ** (attempt - 1))
+            finally:
+                watchdog.stop()
+        if watchdog.fired:
+            error = f"gave up after {left:.1f} s (the whole try's deadline; the server was too slow)"
+        errors.append(f"attempt {attempt}/{tries}: {error}")
+        log.warning("%s %s failed, attempt %d/%d: %s", kind, shown, attempt, tries, error)
+        if not retry or attempt == tries:
+            break
+        pause = base_delay * 2 ** (attempt - 1)
+        if deadline is not None and time.monotonic() + pause >= deadline:
+            errors.append(f"attempt {attempt + 1}/{tries}: not tried, the task's delivery deadline passed")
+            break
+        time.sleep(pause)
     log.error("%s %s gave up after %d attempt(s)", kind, shown, len(errors))
     return DeliveryResult(kind, shown, False, status, len(errors), tuple(errors), image_uuid)
 
@@ -215,9 +332,23 @@ def upload(
     base_delay: float | None = None,
     timeout: float | tuple[float, float] | None = None,
     image_uuid: str | None = None,
+    deadline: float | None = None,
+    try_deadline: float | None = None,
 ) -> DeliveryResult:
     """HTTP PUT of the raw file bytes (the body is the file, as presigned S3/GCS URLs expect)."""
-    return _send("upload", "PUT", url, data, content_type, tries, base_delay, timeout, image_uuid)
+    return _send(
+        "upload",
+        "PUT",
+        url,
+        data,
+        content_type,
+        tries,
+        base_delay,
+        timeout,
+        image_uuid,
+        deadline,
+        try_deadline,
+    )
 
 
 def post_webhook(
@@ -227,11 +358,25 @@ def post_webhook(
     tries: int | None = None,
     base_delay: float | None = None,
     timeout: float | tuple[float, float] | None = None,
+    deadline: float | None = None,
+    try_deadline: float | None = None,
 ) -> DeliveryResult:
     """HTTP POST of ``payload`` as JSON (one call per image, like Runware's webhooks)."""
     body = json.dumps(payload).encode("utf-8")
     image_uuid = payload.get("imageUUID") if isinstance(payload, dict) else None
-    return _send("webhook", "POST", url, body, "application/json", tries, base_delay, timeout, image_uuid)
+    return _send(
+        "webhook",
+        "POST",
+        url,
+        body,
+        "application/json",
+        tries,
+        base_delay,
+        timeout,
+        image_uuid,
+        deadline,
+        try_deadline,
+    )
 
 
 @dataclass(frozen=True)
@@ -247,19 +392,39 @@ def deliver_all(
     items: Sequence[Deliverable],
     upload_endpoint: str | None = None,
     webhook_url: str | None = None,
+    task_deadline: float | None = None,
     **retry: Any,
 ) -> list[DeliveryResult]:
-    """Per image: the upload first (so the file is there when the webhook arrives), then the webhook."""
+    """Per image: the upload first (so the file is there when the webhook arrives), then the webhook.
+
+    All of them together get ``task_deadline`` seconds (default ``TASK_DEADLINE_S``); what is
+    left when it passes is reported as not tried, never waited for.
+    """
+    seconds = TASK_DEADLINE_S if task_deadline is None else task_deadline
+    deadline = time.monotonic() + seconds
     results = []
     for item in items:
         image_uuid = item.response.get("imageUUID")
         if upload_endpoint:
             results.append(
-                upload(upload_endpoint, item.data, item.content_type, image_uuid=image_uuid, **retry)
+                upload(
+                    upload_endpoint,
+                    item.data,
+                    item.content_type,
+                    image_uuid=image_uuid,
+                    deadline=deadline,
+                    **retry,
+                )
             )
         if webhook_url:
-            results.append(post_webhook(webhook_url, item.response, **retry))
+            results.append(post_webhook(webhook_url, item.response, deadline=deadline, **retry))
     return results
+
+
+def error_payload(task_type: str, task_uuid: str, message: str, code: str = "inferenceError") -> dict:
+    """A failure as Runware reports it: ``{"errors": [{code, message, taskType, taskUUID}]}``."""
+    text = _redact_known(message)
+    return {"errors": [{"code": code, "message": text, "taskType": task_type, "taskUUID": task_uuid}]}
 
 
 @dataclass
@@ -289,7 +454,7 @@ def deliver_async(task_type: str, task_uuid: str, work: Callable[[], list[Delive
         try:
             handle.results.extend(work())
         except Exception as exc:  # noqa: BLE001 - a background failure must be recorded, not lost
-            handle.error = f"{type(exc).__name__}: {_QUERY_RE.sub('?<redacted>', str(exc))}"
+            handle.error = f"{type(exc).__name__}: {_redact_known(str(exc))}"
             log.error("async delivery for task %s failed: %s", task_uuid, handle.error)
 
     thread = threading.Thread(target=run, name=f"hidream-delivery-{task_uuid[:8]}")

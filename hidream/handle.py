@@ -33,6 +33,8 @@ class HiDreamModel:
         caches: cache configs (``hidream.cache`` configs), at most one block cache plus
             optionally TeaCache.
         source: where the weights came from, for logs and errors.
+        compile: ``off`` or ``blocks`` (regional torch.compile of the blocks while sampling,
+            ``hidream.compile``); the shared transformer itself is never compiled in place.
     """
 
     transformer: Any
@@ -43,6 +45,7 @@ class HiDreamModel:
     loras: tuple = ()
     caches: tuple = ()
     source: str = ""
+    compile: str = "off"
 
     def with_lora(self, spec: Any) -> HiDreamModel:
         """Return a new handle with one more LoRA; this handle is unchanged."""

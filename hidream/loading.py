@@ -178,6 +178,18 @@ def _check_keys(field: str, path: Path, expected: set[str], found: set[str], wha
         raise ValueError(f"{field}: {path.name!r} does not match {what}: keys {', '.join(parts)}")
 
 
+def _check_shapes(field: str, path: Path, expected: dict, found: dict, what: str) -> None:
+    """Each weight's shape equals the model's own (keys already match); names the first that differs."""
+    for name, tensor in expected.items():
+        info = found.get(name)
+        shape = tuple(info.shape) if isinstance(info, ckpt.TensorInfo) else tuple(getattr(info, "shape", ()))
+        if info is not None and shape != tuple(tensor.shape):
+            raise ValueError(
+                f"{field}: {path.name!r} does not match {what}: tensor {name!r} has shape {list(shape)}, "
+                f"expected {list(tensor.shape)} (sized from the file's other tensors)"
+            )
+
+
 def _model_keys(infos: dict[str, ckpt.TensorInfo]) -> set[str]:
     return set(fp8.plan(list(infos)))
 
@@ -208,6 +220,7 @@ def _build_hf(model_cls, config_cls, cfg: dict, path: Path, field: str, infos, d
     expected = set(meta.state_dict()) - _HF_IGNORED
     found = _model_keys(infos) - set(skip) - _HF_IGNORED
     _check_keys(field, path, expected - (_HF_TIED - found), found, model_cls.__name__)
+    _check_shapes(field, path, meta.state_dict(), infos, model_cls.__name__)
     del meta
     state = ckpt.load_state(path, field, dtype, skip=tuple(skip) + tuple(_HF_IGNORED))
     return model_cls.from_pretrained(None, config=config, state_dict=state, **_hf_dtype_kwargs(dtype))
@@ -228,6 +241,7 @@ def build_transformer(path: Path, field: str, dtype: torch.dtype, fp8_weights: b
     with torch.device("meta"):
         model = HiDreamImageTransformer2DModel(**cfg)
     _check_keys(field, path, set(model.state_dict()), _model_keys(keys), "the HiDream-I1 transformer")
+    _check_shapes(field, path, model.state_dict(), keys, "the HiDream-I1 transformer")
     state = ckpt.load_state(path, field, dtype, prefix=prefix, fp8_storage=fp8_weights)
     model.load_state_dict(state, strict=True, assign=True)
     if fp8_weights:
@@ -257,6 +271,7 @@ def build_vae(path: Path, field: str, dtype: torch.dtype):
     with torch.device("meta"):
         vae = AutoencoderKL(**cfg)
     _check_keys(field, path, set(vae.state_dict()), set(state), "the Flux VAE")
+    _check_shapes(field, path, vae.state_dict(), state, "the Flux VAE")
     vae.load_state_dict(state, strict=True, assign=True)
     return vae
 
@@ -354,7 +369,7 @@ def load_text_encoders(
     }
     dt, dev = parse_dtype(dtype), parse_device(device)
     infos = {slot: _check_text_file(slot, p) for slot, p in paths.items()}
-    t5_rows = configs.t5_config(infos["t5"])["vocab_size"]
+    t5_rows = _config("t5", paths["t5"], lambda: configs.t5_config(infos["t5"]))["vocab_size"]
     t5_tok = tokenizers.load_t5_tokenizer(paths["t5"], t5_rows, t5_tokenizer_dir)
     llama_tok = tokenizers.llama_tokenizer()
     llama_rows = infos["llama"]["model.embed_tokens.weight"].shape[0]

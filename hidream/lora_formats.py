@@ -125,6 +125,9 @@ def read_lora_file(path: str | Path, field: str = "lora") -> tuple[dict[str, tor
         )
     if not p.is_file():
         raise ValueError(f"{field}: LoRA file {str(p)!r} does not exist")
+    from .checkpoint import read_header
+
+    read_header(p, field)  # pickles, hostile shapes, offsets and nesting: one line naming the file
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -153,7 +156,7 @@ def _diffusers_metadata(metadata: Mapping[str, str] | None) -> dict:
         return {}
     try:
         config = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(config, dict):
         return {}
@@ -161,7 +164,28 @@ def _diffusers_metadata(metadata: Mapping[str, str] | None) -> dict:
     return prefixed or config
 
 
-def _metadata_alpha(config: dict, module: str, rank: int) -> float | None:
+def _finite_alpha(value: object, what: str, field: str, source: str) -> float:
+    """A finite number (not a boolean, not a string); NaN or Inf alpha would give NaN images."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value):
+        raise ValueError(f"{field}: {source}: {what} is {json.dumps(value)[:40]}; expected a finite number")
+    return float(value)
+
+
+def _pattern_matches(pattern: str, module: str) -> bool:
+    """PEFT ``alpha_pattern`` keys name module-name suffixes (``attn.to_q`` matches ``blocks.0.attn.to_q``).
+
+    They are compared as text, never compiled: a file's own text run as a regex can backtrack
+    for hours. A leading ``^`` (our own ``to_peft`` form, anchored and escaped) means the whole name.
+    """
+    if pattern.startswith("^"):
+        return re.sub(r"\\(.)", r"\1", pattern[1:]) == module
+    return module == pattern or module.endswith("." + pattern)
+
+
+def _metadata_alpha(
+    config: dict, module: str, rank: int, field: str = "lora", source: str = "LoRA"
+) -> float | None:
     """Alpha for ``module`` from a diffusers/PEFT config, as the plain ``alpha / rank`` convention.
 
     rsLoRA scales by ``alpha / sqrt(rank)``; it is rewritten as an equivalent plain alpha.
@@ -169,13 +193,17 @@ def _metadata_alpha(config: dict, module: str, rank: int) -> float | None:
     if not config:
         return None
     alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
+    if alpha is not None:
+        alpha = _finite_alpha(alpha, "lora_alpha", field, source)
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{field}: {source}: alpha_pattern is not an object of module name -> alpha")
+    for pattern, value in patterns.items():
+        if _pattern_matches(pattern, module):
+            alpha = _finite_alpha(value, f"alpha_pattern[{pattern[:40]!r}]", field, source)
             break
     if alpha is None:
         return None
-    alpha = float(alpha)
     if config.get("use_rslora"):
         alpha = alpha * rank / math.sqrt(rank)
     return alpha
@@ -274,7 +302,11 @@ def convert_state_dict(
         entry.keys.append(key)
         value = state_dict[key]
         if part == "alpha":
-            entry.alpha = float(value.float().reshape(-1)[0])
+            if value.numel() != 1:
+                raise ValueError(
+                    f"{field}: {source}: {key!r} has shape {list(value.shape)}; expected one number (alpha)"
+                )
+            entry.alpha = _finite_alpha(float(value.float().reshape(-1)[0]), repr(key), field, source)
             continue
         entry.factor_names.add(part)
         if getattr(entry, _DOWN[part]) is not None:
@@ -301,9 +333,19 @@ def convert_state_dict(
                 f"{tuple(down.shape)} / {tuple(up.shape)}; the LoRA was made for a different model"
             )
         rank = int(down.shape[0])
+        if rank == 0:
+            raise ValueError(
+                f"{field}: {source}: {module!r} has rank-0 factors {tuple(down.shape)}; expected rank >= 1"
+            )
+        for factor, tensor in (("down", down), ("up", up)):
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"{field}: {source}: {module!r} {factor} factor ({tensor.dtype}) has non-finite or "
+                    "non-float values; expected finite floating-point numbers"
+                )
         alpha = entry.alpha
         if alpha is None:
-            alpha = _metadata_alpha(config, module, rank)
+            alpha = _metadata_alpha(config, module, rank, field, source)
         modules[module] = LoraModule(down=down, up=up, alpha=float(rank) if alpha is None else alpha)
         used.update(entry.keys)
         styles[entry.style] += 1

@@ -398,10 +398,68 @@ class Published:
     responses: list[dict]
     deliveries: list[Any]  # DeliveryResult; empty until an async delivery finishes
     pending: Any = None  # delivery.AsyncDelivery when deliveryMethod is async
+    deferred: Any = None  # sync delivery not yet run (``publish(defer_delivery=True)``)
 
     def response_json(self) -> list[dict]:
         """The Runware answer: every result (sync) or the acknowledgement (async)."""
         return self.pending.ack if self.pending is not None else self.responses
+
+    def deliver(self) -> list:
+        """Run a deferred sync delivery now (after the caller printed the responses)."""
+        if self.deferred is not None:
+            work, self.deferred = self.deferred, None
+            self.deliveries = work()
+        return self.deliveries
+
+
+def keep_undelivered(saved: list[SavedImage], results: list) -> list[Path]:
+    """Remove the ttl sidecar of every image whose upload or webhook failed; returns their paths.
+
+    ttl cleanup must never delete the only copy of an image nobody received: without its
+    sidecar the file is never expired.
+    """
+    failed = {r.image_uuid for r in results if not r.ok}
+    kept = []
+    for item in saved:
+        sidecar = item.path.with_name(item.filename + TTL_SUFFIX)
+        if item.image_uuid in failed and sidecar.exists():
+            sidecar.unlink(missing_ok=True)
+            kept.append(item.path)
+            log.warning("%s was not delivered; it is kept (its ttl no longer applies)", item.path)
+    return kept
+
+
+def webhook_payload(response: dict, upload_endpoint: str | None, file_urls: bool) -> dict:
+    """What the webhook receives for one image.
+
+    With ``file_urls`` (command-line runs) a ``file://`` URL names a path on this machine that
+    the receiver cannot open: it gets the upload's URL without its query (where the image was
+    PUT), or, with no upload, the image itself as a data URI.
+    """
+    url = response.get("imageURL")
+    if not (file_urls and isinstance(url, str) and url.startswith("file:")):
+        return response
+    out = {k: v for k, v in response.items() if k != "imageURL"}
+    if upload_endpoint:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(upload_endpoint)  # the object's URL: no signature (query), no user info
+        out["imageURL"] = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    else:
+        path = Path(url_to_path(url))
+        out["imageDataURI"] = data_uri(path.read_bytes(), _format_of(path))
+    return out
+
+
+def url_to_path(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(url).path)
+
+
+def _format_of(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    return next(name for name, (_, e, _) in FORMATS.items() if e == ext)
 
 
 def publish(
@@ -417,13 +475,16 @@ def publish(
     task_type: str = "imageInference",
     retry: dict | None = None,
     extra: list[dict] | None = None,
+    defer_delivery: bool = False,
     image_uuids: list[str] | None = None,
 ) -> Published:
     """Save every image FIRST, then describe and deliver it; a failed delivery never loses a file.
 
     Expired files of the pack's folder are removed before saving. Metadata has upload and
-    webhook URLs redacted. ``image_uuids`` fixes each image's UUID in advance (the Runware API
-    announces them in ``processing`` items before the images exist); default: new ones.
+    webhook URLs redacted. An image whose delivery failed keeps its file (``keep_undelivered``).
+    ``defer_delivery`` leaves a sync delivery for ``Published.deliver()``. ``image_uuids`` fixes
+    each image's UUID in advance (the Runware API announces them in ``processing`` items before
+    the images exist); default: new ones.
     """
     from . import delivery
 
@@ -470,16 +531,21 @@ def publish(
             response.update(extra[i])  # e.g. NSFWContent from the safety check
         saved.append(item)
         responses.append(response)
-        items.append(delivery.Deliverable(item.data, item.content_type, response))
+        payload = webhook_payload(response, options.upload_endpoint, options.file_urls)
+        items.append(delivery.Deliverable(item.data, item.content_type, payload))
     result = Published(saved, responses, [])
     if not (options.upload_endpoint or options.webhook_url):
         return result
 
     def work() -> list:
-        return delivery.deliver_all(items, options.upload_endpoint, options.webhook_url, **(retry or {}))
+        results = delivery.deliver_all(items, options.upload_endpoint, options.webhook_url, **(retry or {}))
+        keep_undelivered(saved, results)
+        return results
 
     if options.delivery_method == "async":
         result.pending = delivery.deliver_async(task_type, task_uuid, work)
+    elif defer_delivery:
+        result.deferred = work
     else:
         result.deliveries = work()
     return result

@@ -19,6 +19,11 @@ Forward order (diffusers names)::
 Hook points for the caches (``hidream.cache``): ``prepare`` -> ``run_blocks(start, end)`` over
 one flat index of double-then-single blocks -> ``finish``. A cache policy receives the
 runner and the prepared context and decides which block ranges to run.
+
+Every block the runner calls runs its MoE layers in the static, sync-free layout
+(``hidream.moe``; ``moe=None`` keeps diffusers' own), and with ``compile="blocks"`` through one
+regionally compiled callable (``hidream.compile``). At a fixed size the whole forward makes no
+host sync (``hidream.syncs`` counts them; tested); a cache decision reads one scalar.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .compile import BlockCaller
+from .moe import StaticMoE
 
 
 @dataclass
@@ -79,15 +87,38 @@ class TransformerRunner:
     """Runs a diffusers ``HiDreamImageTransformer2DModel`` block by block.
 
     The runner holds no per-call state, so one instance can serve any number of calls.
+
+    Args:
+        transformer: the shared diffusers transformer; never modified (the MoE swap is
+            undone after each block call).
+        moe: ``dense`` (default) or ``gather``: the static MoE layout (``hidream.moe``); None
+            runs diffusers' own MoE (one host sync per MoE layer).
+        compile: ``off`` or ``blocks`` (regional compile, ``hidream.compile``).
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, moe: str | None = "dense", compile: str = "off") -> None:
         self.transformer = transformer
         self.config = transformer.config
         self.double_blocks = list(transformer.double_stream_blocks)
         self.single_blocks = list(transformer.single_stream_blocks)
         self.num_double = len(self.double_blocks)
         self.num_blocks = self.num_double + len(self.single_blocks)
+        self._blocks = self.double_blocks + self.single_blocks  # one flat index, as run_blocks takes
+        self._moe = StaticMoE(self._blocks, moe) if moe is not None else None
+        self._caller = BlockCaller(compile)
+
+    @property
+    def compiled(self) -> bool:
+        """True while blocks run through the compiled callable (False after a fallback)."""
+        return bool(self._caller.compiled)
+
+    def _call(self, idx: int, **kwargs) -> object:
+        """Block ``idx`` (flat index) with its MoE static and, when asked, compiled."""
+        block = self._blocks[idx]
+        if self._moe is None:
+            return self._caller(block, **kwargs)
+        with self._moe.active(idx):
+            return self._caller(block, **kwargs)
 
     def prepare(
         self,
@@ -132,7 +163,8 @@ class TransformerRunner:
         n_txt = txt.shape[1]
         for idx in range(start, min(end, self.num_double)):
             cur = torch.cat([txt, ctx.llama[idx]], dim=1)
-            img, txt = self.double_blocks[idx](
+            img, txt = self._call(
+                idx,
                 hidden_states=img,
                 hidden_states_masks=None,
                 encoder_hidden_states=cur,
@@ -148,7 +180,8 @@ class TransformerRunner:
         seq = h.shape[1]
         for idx in range(first_single, end):
             h = torch.cat([h, ctx.llama[idx]], dim=1)
-            h = self.single_blocks[idx - self.num_double](
+            h = self._call(
+                idx,
                 hidden_states=h,
                 hidden_states_masks=None,
                 encoder_hidden_states=None,

@@ -10,6 +10,11 @@ switched per step by sigma (``hidream.lora.LoraSession``) and cache state lives 
 session created here (``hidream.cache``); both are undone in ``finally`` blocks, so an
 exception or a cancel leaves the shared weights as they were.
 
+One transformer samples one call at a time (``_sampling_lock``): LoRA adapters, merged weight
+copies, cache hooks and offload moves all act on the shared module, so a second caller (the
+Runware API server, a user script, another thread) waits instead of seeing the first one's
+LoRA in its image.
+
 The result is in ComfyUI's LATENT convention: raw VAE-space latents (the Flux VAE's
 scaling 0.3611 and shift 0.1159 undone), so ComfyUI's own VAEDecode decodes it too.
 """
@@ -17,13 +22,16 @@ scaling 0.3611 and shift 0.1159 undone), so ComfyUI's own VAEDecode decodes it t
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
+from .compile import graph_count
 from .devices import on_device
 from .handle import HiDreamModel
 from .progress import Progress
@@ -186,6 +194,19 @@ def _sample_one(
     return x.float().cpu()
 
 
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def _sampling_lock(transformer: torch.nn.Module) -> threading.Lock:
+    """The lock that serialises sampling calls on one loaded transformer."""
+    with _locks_guard:
+        lock = _locks.get(transformer)
+        if lock is None:
+            lock = _locks[transformer] = threading.Lock()
+        return lock
+
+
 def sample_latents(
     model: HiDreamModel,
     cond: Conditioning,
@@ -204,12 +225,18 @@ def sample_latents(
     validate_settings(settings)
     validate_scheduler_name(scheduler.name)
     _open_cache(model, settings.steps)  # bad cache options fail here, before any weight moves
-    runner = TransformerRunner(model.transformer)
+    runner = TransformerRunner(model.transformer, compile=model.compile)
     progress = Progress(total=settings.steps * settings.batch, callback=callback)
     telemetry: list[str] = []
     start = time.perf_counter()
     images = []
+    graphs_before = graph_count()
+    lock = _sampling_lock(model.transformer)
+    if not lock.acquire(blocking=False):
+        log.info("another sampling call is using this model; waiting for it to finish")
+        lock.acquire()
     with ExitStack() as stack, torch.no_grad():
+        stack.callback(lock.release)
         stack.enter_context(on_device(model.transformer, model.device, model.offload))
         lora = None
         if model.loras:
@@ -224,5 +251,7 @@ def sample_latents(
             images.append(
                 _sample_one(runner, model, cond, scheduler, settings, index, lora, progress, telemetry)
             )
+        if runner.compiled:
+            log.info("compile=blocks: %d graph(s) compiled during this call", graph_count() - graphs_before)
     latents = torch.cat(images) / FLUX_VAE_SCALING + FLUX_VAE_SHIFT
     return SampleResult(latents=latents, seconds=time.perf_counter() - start, telemetry=telemetry)

@@ -31,6 +31,7 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .delivery import redact_url, url_problem
@@ -64,8 +65,11 @@ class TaskValidationError(ValueError):
     """All problems of a task (or of an array of tasks), one line each in ``.errors``."""
 
     def __init__(self, errors: list[str]) -> None:
-        self.errors = list(errors)
-        super().__init__(f"invalid Runware task ({len(self.errors)} problem(s)):\n  " + "\n  ".join(errors))
+        # Lone surrogates from the JSON (in unknown keys, say) would crash any print of the message.
+        self.errors = [e.encode("utf-8", "backslashreplace").decode("utf-8") for e in errors]
+        super().__init__(
+            f"invalid Runware task ({len(self.errors)} problem(s)):\n  " + "\n  ".join(self.errors)
+        )
 
 
 @dataclass(frozen=True)
@@ -354,18 +358,39 @@ class _Checker:
         if not isinstance(value, str) or len(value) > PROMPT_MAX_CHARS or len(value.strip()) < min_len:
             self.fail(path, value, expected)
             return None
-        return value
+        return self.unicode(value, path)
+
+    def unicode(self, value: str, path: str) -> Any:
+        """``value`` when it is valid Unicode text; a lone surrogate (``"\\ud800"``) cannot be encoded."""
+        bad = _lone_surrogate(value)
+        if bad is None:
+            return value
+        self.errors.append(
+            f"{path}: got a lone surrogate {ascii(value[bad])} at character {bad}; expected valid Unicode text"
+        )
+        return None
 
     def url(self, data: dict, key: str, path: str) -> Any:
         value = data.get(key, _MISSING)
         if value is _MISSING:
             return None
         problem = url_problem(value)
+        if problem is None and _lone_surrogate(value) is not None:
+            problem = "contains a lone surrogate"
         if problem:
             shown = redact_url(value) if isinstance(value, str) else value
             self.fail(path, shown, f"an http:// or https:// URL ({problem})")
             return _MISSING
         return value
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _as_int(value: Any) -> int | None:
@@ -398,6 +423,8 @@ def _parse_lora(check: _Checker, value: Any) -> tuple[TaskLora, ...]:
         name = entry.get("model", _MISSING)
         if not isinstance(name, str) or not name.strip():
             check.fail(f"{path}.model", name, "a non-empty LoRA name")
+        elif check.unicode(name, f"{path}.model") is None:
+            name = None
         weight = check.number(entry, "weight", f"{path}.weight", -LORA_WEIGHT_MAX, LORA_WEIGHT_MAX, 1.0)
         stage = check.choice(entry, "transformer", f"{path}.transformer", LORA_STAGES, "both")
         if isinstance(name, str) and name.strip() and weight is not None and stage is not None:
@@ -570,6 +597,32 @@ def load_json(text: str) -> Any:
         return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except ValueError as exc:
         raise TaskValidationError([f"task JSON: {exc}"]) from exc
+    except RecursionError as exc:
+        raise TaskValidationError(
+            ["task JSON: nested too deeply (a task is at most a few levels deep)"]
+        ) from exc
+
+
+def read_task_file(path: str | Path) -> str:
+    """A task file's text; a folder, unreadable bytes or invalid UTF-8 give one line naming the file.
+
+    A UTF-8 byte order mark (Windows editors write one) is accepted and dropped.
+    """
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise TaskValidationError([f"task file {str(p)!r}: is a folder; expected a task JSON file"])
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise TaskValidationError([f"task file {str(p)!r}: cannot be read ({exc.strerror or exc})"]) from exc
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskValidationError(
+            [f"task file {p.name!r}: byte {exc.start} is not valid UTF-8; expected a UTF-8 JSON file"]
+        ) from exc
 
 
 def _in_array(index: int, error: str) -> str:
@@ -584,8 +637,13 @@ def parse_tasks(data: str | bytes | dict | list) -> list[Task]:
 
     Errors of an array are prefixed ``tasks[i].``; task UUIDs must be unique in the array.
     """
-    if isinstance(data, (str, bytes)):
-        data = load_json(data.decode("utf-8") if isinstance(data, bytes) else data)
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise TaskValidationError([f"task JSON: byte {exc.start} is not valid UTF-8"]) from exc
+    if isinstance(data, str):
+        data = load_json(data)
     if isinstance(data, dict):
         errors: list[str] = []
         task = _parse_one(data, errors)

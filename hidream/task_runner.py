@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,27 +62,55 @@ class TaskRun:
         return [d.to_dict() for d in self.published.deliveries]
 
 
-def prepare(
-    task: Task, models: TaskModels, lora_resolver: Callable[[str], Any] | None = None
-) -> PreparedTask:
-    """Check everything a task needs and build the patched model handle (no model work)."""
+def check_detector() -> None:
+    """The safety detector imports, or a ValueError saying how to install it (before model work)."""
+    from .safety import DetectorNotInstalledError, load_detector
+
+    try:
+        load_detector()  # a missing detector is an error that says how to install it, never a pass
+    except DetectorNotInstalledError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def check_task(task: Task, lora_resolver: Callable[[str], Any] | None = None) -> tuple:
+    """Everything about a task that needs no loaded model; returns its LoRA specs.
+
+    LoRA names (resolved in the loras folder, header read), cache options against steps, the
+    scheduler and the safety detector: a mistake here costs seconds, not a 20-30 s model load.
+    """
+    from .checkpoint import read_header
     from .lora_spec import lora_spec_from_task
 
-    model = models.model
+    specs = []
     for i, entry in enumerate(task.lora):
-        model = model.with_lora(lora_spec_from_task(entry, lora_resolver, field=f"lora[{i}]"))
+        spec = lora_spec_from_task(entry, lora_resolver, field=f"lora[{i}]")
+        read_header(Path(spec.path), f"lora[{i}].model")
+        specs.append(spec)
     configs = task.accelerator_options.cache_configs()
     if configs:
         from .cache import open_cache_session
 
-        open_cache_session(configs, variant=model.variant, steps=task.steps)  # validates against steps
+        open_cache_session(configs, variant="full", steps=task.steps)  # validates against steps
+    if task.safety.check_content and task.safety.mode != "none":
+        check_detector()
+    validate_scheduler_name(task.scheduler)
+    return tuple(specs)
+
+
+def prepare(
+    task: Task, models: TaskModels, lora_resolver: Callable[[str], Any] | None = None
+) -> PreparedTask:
+    """Check everything a task needs and build the patched model handle (no model work)."""
+    model = models.model
+    for spec in check_task(task, lora_resolver):
+        model = model.with_lora(spec)
+    configs = task.accelerator_options.cache_configs()
+    if configs:
+        from .cache import open_cache_session
+
+        open_cache_session(configs, variant=model.variant, steps=task.steps)
         for config in configs:
             model = model.with_cache(config)
-    if task.safety.check_content and task.safety.mode != "none":
-        from .safety import load_detector
-
-        load_detector()  # a missing detector is an error that says how to install it, never a pass
-    validate_scheduler_name(task.scheduler)
     settings = SampleSettings(
         width=task.width,
         height=task.height,
@@ -115,6 +144,14 @@ def _check_safety(task: Task, images: Any, mask: str) -> tuple[Any, list, list[d
     return images, results, [response_fields(r) for r in results]
 
 
+def check_price(price_per_hour: Any, field_name: str = "price_per_hour") -> float:
+    """A finite number >= 0: NaN or Infinity would print invalid JSON, a negative price a negative cost."""
+    ok = isinstance(price_per_hour, (int, float)) and not isinstance(price_per_hour, bool)
+    if not ok or not math.isfinite(price_per_hour) or price_per_hour < 0:
+        raise ValueError(f"{field_name}: got {price_per_hour!r}; expected a finite number >= 0")
+    return float(price_per_hour)
+
+
 def _costs(task: Task, seconds: float, price_per_hour: float) -> list[float] | None:
     if not task.include_cost:
         return None
@@ -134,6 +171,7 @@ def publish_images(
     safety_mask: str = "blur",
     retry: dict | None = None,
     sync_delivery: bool = False,
+    defer_delivery: bool = False,
 ) -> tuple[Any, list, Any]:
     """Safety check, then save (always first), then deliver; returns (Published, safety, images)."""
     from .output import ImageMetadata, PublishOptions, publish
@@ -153,6 +191,7 @@ def publish_images(
         root=output_root,
         retry=retry,
         extra=extra,
+        defer_delivery=defer_delivery,
     )
     return published, safety, images
 
@@ -171,8 +210,7 @@ def run_task(
     retry: dict | None = None,
 ) -> TaskRun:
     """Run one task synchronously (delivery may still be async if the task asks for it)."""
-    if price_per_hour < 0:
-        raise ValueError(f"price_per_hour: {price_per_hour} must be >= 0")
+    check_price(price_per_hour)
     prep = prepare(task, models, lora_resolver)
     images, seconds, report = generate(prep, models, callback)
     published, safety, images = publish_images(
@@ -233,56 +271,137 @@ def find_models(dtype: str = "bf16", weights_offload: bool = True) -> TaskModels
     return TaskModels(model=model, text=text, vae=vae)
 
 
+def check_output_dir(root: str | Path) -> Path:
+    """The folder images are saved in (``root/hidream``) exists or can be made, and takes files.
+
+    Checked before any model work: an unusable folder found after generation loses the image.
+    """
+    from .output import PACK_SUBFOLDER
+
+    folder = Path(root) / PACK_SUBFOLDER
+    probe = folder / ".write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"--output-dir: {str(root)!r} cannot hold images ({exc.strerror or exc}: {exc.filename or folder}); "
+            "expected a writable folder"
+        ) from exc
+    return folder
+
+
 def run_task_file(args: Any) -> int:
-    """``python . run TASK.json``: one Runware response JSON line per result on stdout."""
+    """``python . run TASK.json``: one Runware response JSON line per result on stdout.
+
+    Exit status: 0 when every task generated and delivered; 1 when any task failed (its
+    webhook is told, Runware's error shape); 2 when the input was refused before any model work.
+    """
     import sys
 
     from . import paths
-    from .task import TaskValidationError, parse_tasks
+    from .task import TaskValidationError, parse_tasks, read_task_file
 
     try:
-        tasks = parse_tasks(Path(args.task).read_text())
+        tasks = parse_tasks(read_task_file(args.task))
     except TaskValidationError as exc:
-        print("task validation failed:", *exc.errors, sep="\n  ", file=sys.stderr)
+        print(f"task validation failed ({Path(args.task).name}):", *exc.errors, sep="\n  ", file=sys.stderr)
         return 2
+    check_price(args.price_per_hour, "--price-per-hour")
+    check_output_dir(args.output_dir)
     if args.models_dir:
         paths.set_models_dir(args.models_dir)
+    for task in tasks:
+        check_task(task)  # LoRA names, detector, caches: before the models load
     models = find_models(dtype=getattr(args, "dtype", "bf16"))
     preps = [prepare(task, models) for task in tasks]  # every task checked before any runs
-    for prep in preps:
-        _run_prepared(prep, models, args)
+    failed = [prep.task.task_uuid for prep in preps if not _run_prepared(prep, models, args)]
+    if failed:
+        print(f"error: {len(failed)} of {len(preps)} task(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _run_prepared(prep: PreparedTask, models: TaskModels, args: Any) -> None:
+def _tell_failure(task: Task, message: str) -> None:
+    """Log a task's failure and, when it has a webhook, post it there as Runware does."""
+    from .delivery import error_payload, post_webhook
+
+    log.error("task %s failed: %s", task.task_uuid, message)
+    if task.webhook_url:
+        result = post_webhook(task.webhook_url, error_payload(task.task_type, task.task_uuid, message))
+        log.info("failure report: %s", json.dumps(result.to_dict()))
+
+
+def _report_deliveries(published: Any) -> bool:
+    """Log each delivery outcome (never "delivered" for a failure); True when all succeeded."""
+    paths = {item.image_uuid: item.path for item in published.saved}
+    ok = True
+    for result in published.deliveries:
+        if result.ok:
+            log.info("delivered %s of result %s to %s", result.kind, result.image_uuid, result.url)
+        else:
+            ok = False
+            log.error(
+                "NOT delivered: %s of result %s to %s (%s); the image is kept at %s",
+                result.kind,
+                result.image_uuid,
+                result.url,
+                "; ".join(result.errors) or f"HTTP {result.status}",
+                paths.get(result.image_uuid),
+            )
+    return ok
+
+
+def _failure_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"
+
+
+def _run_prepared(prep: PreparedTask, models: TaskModels, args: Any) -> bool:
+    """Generate, save, print, deliver one task; False when it failed (its webhook is told)."""
     from .delivery import deliver_async
 
+    task = prep.task
     options = {
         "price_per_hour": args.price_per_hour,
         "output_root": args.output_dir,
         "file_urls": True,
     }
 
-    def work() -> list:
-        images, seconds, _ = generate(prep, models)
-        published, _, _ = publish_images(prep, images, seconds, sync_delivery=True, **options)
-        for response in published.responses:
-            log.info("delivered result %s", response.get("imageUUID"))
-        return published.deliveries
+    def produce() -> Any:
+        images, seconds, report = generate(prep, models)
+        published, _, _ = publish_images(
+            prep, images, seconds, sync_delivery=True, defer_delivery=True, **options
+        )
+        log.info(
+            "task %s: %.1f s; %s; saved %s",
+            task.task_uuid,
+            seconds,
+            report,
+            [str(s.path) for s in published.saved],
+        )
+        return published
 
-    if prep.task.delivery_method == "async":
-        handle = deliver_async(prep.task.task_type, prep.task.task_uuid, work)
+    if task.delivery_method == "async":
+        box: list = []
+
+        def work() -> list:
+            box.append(produce())
+            return box[0].deliver()
+
+        handle = deliver_async(task.task_type, task.task_uuid, work)
         print(json.dumps(handle.ack[0]), flush=True)
         handle.wait()
-        for result in handle.results:
-            log.info("delivery: %s", json.dumps(result.to_dict()))
         if handle.error:
-            log.error("task %s failed in the background: %s", prep.task.task_uuid, handle.error)
-        return
-    images, seconds, report = generate(prep, models)
-    published, _, _ = publish_images(prep, images, seconds, **options)
-    log.info("task %s: %.1f s; %s", prep.task.task_uuid, seconds, report)
+            _tell_failure(task, handle.error)
+            return False
+        return _report_deliveries(box[0])
+    try:
+        published = produce()
+    except Exception as exc:  # noqa: BLE001 - one failed task is reported (and its webhook told), the rest run
+        _tell_failure(task, _failure_text(exc))
+        return False
     for response in published.response_json():
-        print(json.dumps(response), flush=True)
-    for result in published.deliveries:
-        log.info("delivery: %s", json.dumps(result.to_dict()))
+        print(json.dumps(response), flush=True)  # the answer first: delivery may take minutes
+    published.deliver()
+    return _report_deliveries(published)

@@ -21,6 +21,42 @@ from . import NODE_CLASS_MAPPINGS
 CORE_NODES: dict[str, dict[str, Any]] = {
     "SaveImage": {"inputs": {"images": "IMAGE", "filename_prefix": "STRING"}, "outputs": []},
     "PreviewImage": {"inputs": {"images": "IMAGE"}, "outputs": []},
+    # ComfyUI's native HiDream graph (workflows/build.py: native_cache_lora_graph); validated, not run here.
+    "UNETLoader": {"inputs": {"unet_name": [], "weight_dtype": []}, "outputs": ["MODEL"]},
+    "QuadrupleCLIPLoader": {"inputs": {f"clip_name{i}": [] for i in range(1, 5)}, "outputs": ["CLIP"]},
+    "CLIPTextEncodeHiDream": {
+        "inputs": {
+            "clip": "CLIP",
+            "clip_l": "STRING",
+            "clip_g": "STRING",
+            "t5xxl": "STRING",
+            "llama": "STRING",
+        },
+        "outputs": ["CONDITIONING"],
+    },
+    "ModelSamplingSD3": {"inputs": {"model": "MODEL", "shift": "FLOAT"}, "outputs": ["MODEL"]},
+    "EmptySD3LatentImage": {
+        "inputs": {"width": "INT", "height": "INT", "batch_size": "INT"},
+        "outputs": ["LATENT"],
+    },
+    "KSampler": {
+        "inputs": {
+            "model": "MODEL",
+            "seed": "INT",
+            "steps": "INT",
+            "cfg": "FLOAT",
+            "sampler_name": [],
+            "scheduler": [],
+            "positive": "CONDITIONING",
+            "negative": "CONDITIONING",
+            "latent_image": "LATENT",
+            "denoise": "FLOAT",
+        },
+        "outputs": ["LATENT"],
+        "controls": ["seed"],  # the frontend adds a control_after_generate widget after it
+    },
+    "VAELoader": {"inputs": {"vae_name": []}, "outputs": ["VAE"]},
+    "VAEDecode": {"inputs": {"samples": "LATENT", "vae": "VAE"}, "outputs": ["IMAGE"]},
 }
 
 

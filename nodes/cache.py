@@ -94,6 +94,10 @@ class _CacheNode:
     FUNCTION = "apply"
     EXPERIMENTAL = True
 
+    def attach(self, model, config) -> tuple:
+        """Attach ``config`` to ``model`` (the native MODEL nodes override this)."""
+        return _attach(model, config)
+
 
 class HiDreamI1FirstBlockCache(_CacheNode):
     NODE_ID = "HiDreamI1FirstBlockCache"
@@ -119,7 +123,7 @@ class HiDreamI1FirstBlockCache(_CacheNode):
 
     def apply(self, model, threshold, start_step, end_step, start_percent, end_percent, max_consecutive):
         window = _window(start_step, end_step, start_percent, end_percent, max_consecutive)
-        return _attach(model, FirstBlockCacheConfig(threshold=threshold, window=window))
+        return self.attach(model, FirstBlockCacheConfig(threshold=threshold, window=window))
 
 
 def _parse_coefficients(text: str) -> tuple[float, ...] | None:
@@ -179,7 +183,7 @@ class HiDreamI1TeaCache(_CacheNode):
         config = TeaCacheConfig(
             distance=distance, coefficients=_parse_coefficients(coefficients), window=window
         )
-        return _attach(model, config)
+        return self.attach(model, config)
 
 
 class HiDreamI1DBCache(_CacheNode):
@@ -258,7 +262,7 @@ class HiDreamI1DBCache(_CacheNode):
             refresh_interval=refresh_interval,
             window=window,
         )
-        return _attach(model, config)
+        return self.attach(model, config)
 
 
 NODES = [HiDreamI1FirstBlockCache, HiDreamI1TeaCache, HiDreamI1DBCache]

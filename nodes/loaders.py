@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..hidream import loading, paths
+from ..hidream.compile import COMPILE_MODES, check_compile
 
 DTYPE_CHOICES = list(loading.DTYPES)
 WEIGHTS_CHOICES = ["gpu", "offload"]
@@ -21,6 +24,22 @@ _VARIANT_TIP = (
     "auto: read full/dev/fast from the name (full when the name does not say). Full, Dev and Fast share "
     "the architecture; the variant sets scheduler defaults and TeaCache coefficients."
 )
+
+
+_COMPILE_INPUT = (
+    list(COMPILE_MODES),
+    {
+        "default": "off",
+        "tooltip": "blocks: torch.compile each transformer block class once (regional compile); the first "
+        "sampling call per size waits for the compile. off: eager. Falls back to eager with a warning "
+        "where compile is unavailable.",
+    },
+)
+
+
+def _with_compile(model, compile: str):
+    """The loaded (shared, cached) handle with its compile mode set; weights stay shared."""
+    return replace(model, compile=compile) if compile != model.compile else model
 
 
 def _offload(weights: str) -> bool:
@@ -82,10 +101,12 @@ class HiDreamI1ModelLoader:
                         "(with weights: offload, so the text encoders and the transformer take turns).",
                     },
                 ),
+                "compile": _COMPILE_INPUT,
             },
         }
 
-    def load(self, model_name, variant, dtype, weights, weight_dtype="default"):
+    def load(self, model_name, variant, dtype, weights, weight_dtype="default", compile="off"):
+        check_compile(compile)
         if weight_dtype not in WEIGHT_DTYPE_CHOICES:
             raise ValueError(
                 f"weight_dtype: {weight_dtype!r} is not allowed; allowed: {', '.join(WEIGHT_DTYPE_CHOICES)}"
@@ -98,7 +119,7 @@ class HiDreamI1ModelLoader:
             offload=_offload(weights),
             fp8_weights=weight_dtype == "fp8_e4m3fn",
         )
-        return (model,)
+        return (_with_compile(model, compile),)
 
 
 class HiDreamI1TextEncodersLoader:
@@ -200,17 +221,20 @@ class HiDreamI1DiffusersLoader:
                     },
                 ),
                 **_common(),
-            }
+            },
+            "optional": {"compile": _COMPILE_INPUT},
         }
 
-    def load(self, folder, variant, llama, dtype, weights):
+    def load(self, folder, variant, llama, dtype, weights, compile="off"):
+        check_compile(compile)
         path = paths.resolve_model("diffusers", folder, field="folder")
         llama_path = (
             None if llama == FROM_FOLDER else paths.resolve_model("text_encoders", llama, field="llama")
         )
-        return loading.load_diffusers_folder(
+        model, text, vae = loading.load_diffusers_folder(
             path, variant=variant, dtype=dtype, offload=_offload(weights), llama=llama_path
         )
+        return (_with_compile(model, compile), text, vae)
 
 
 NODES = [HiDreamI1ModelLoader, HiDreamI1TextEncodersLoader, HiDreamI1VAELoader, HiDreamI1DiffusersLoader]

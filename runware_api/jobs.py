@@ -201,6 +201,7 @@ def run_job(job_id: str) -> dict:
 
 def _generate_all(job: Job) -> None:
     from ..hidream import delivery
+    from ..hidream.output import keep_undelivered
     from ..hidream.task_runner import generate, prepare
     from . import config
 
@@ -226,6 +227,7 @@ def _generate_all(job: Job) -> None:
         if task.webhook_url or task.upload_endpoint:
             item = delivery.Deliverable(saved.data, saved.content_type, response)
             results = delivery.deliver_all([item], task.upload_endpoint, task.webhook_url)
+            keep_undelivered([saved], results)  # an image nobody received never expires
             job.deliveries.extend(r.to_dict() for r in results)
 
 

@@ -351,7 +351,8 @@ def test_save_node_takes_task_fields(serve, tmp_path, monkeypatch):
     assert {r["taskUUID"] for r in responses} == {task["taskUUID"]}
     assert all(r["imageDataURI"].startswith("data:image/webp;base64,") for r in responses)
     names = sorted(p.name for p in (tmp_path / "output" / "hidream").iterdir())
-    assert len(names) == 4 and sum(n.endswith(output.TTL_SUFFIX) for n in names) == 2
+    # Both uploads failed: the images stay and lose their ttl sidecars (never expired unreceived).
+    assert len(names) == 2 and not any(n.endswith(output.TTL_SUFFIX) for n in names)
     embedded = output.read_metadata(tmp_path / "output" / "hidream" / out["ui"]["images"][0]["filename"])
     assert embedded["parameters"]["seed"] == 64095 and embedded["parameters"]["outputFormat"] == "WEBP"
     assert embedded["parameters"]["uploadEndpoint"] == delivery.redact_url(upload_url)

@@ -38,7 +38,11 @@ RUNTIME_TYPES = {
 
 def _input_specs(class_type: str) -> dict[str, tuple]:
     if class_type in CORE_NODES:
-        return {name: (kind,) for name, kind in CORE_NODES[class_type]["inputs"].items()}
+        controls = set(CORE_NODES[class_type].get("controls", ()))
+        return {
+            name: (kind, {"control_after_generate": name in controls})
+            for name, kind in CORE_NODES[class_type]["inputs"].items()
+        }
     types = MAPPINGS[class_type].INPUT_TYPES()
     return {**types["required"], **types.get("optional", {})}
 

@@ -71,6 +71,7 @@ def t2i_graph(
                 "dtype": "bf16",
                 "weights": "offload",
                 "weight_dtype": "fp8_e4m3fn",
+                "compile": "off",
             },
         },
         "2": {
@@ -257,11 +258,120 @@ def diffusers_graph() -> dict:
             "llama": "(from folder)",
             "dtype": "bf16",
             "weights": "offload",
+            "compile": "off",
         },
     }
     graph["4"]["inputs"]["text_encoders"] = ["1", 1]
     graph["7"]["inputs"]["vae"] = ["1", 2]
     return graph
+
+
+def native_cache_lora_graph() -> dict:
+    """ComfyUI's own HiDream-I1 Full graph (Load Diffusion Model, QuadrupleCLIPLoader,
+    CLIPTextEncodeHiDream, ModelSamplingSD3, KSampler, core VAE) with our stage LoRA (high-noise
+    steps) and First Block Cache inserted on its MODEL. Registers the core nodes' inputs for
+    ``to_ui`` here, so this builder stays one function."""
+    text = lambda kind: {"required": {"clip": ("CLIP", {}), **{k: ("STRING", {}) for k in kind}}}  # noqa: E731
+    core = {
+        "UNETLoader": ({"required": {"unet_name": ([], {}), "weight_dtype": ([], {})}}, ["MODEL"]),
+        "QuadrupleCLIPLoader": ({"required": {f"clip_name{i}": ([], {}) for i in range(1, 5)}}, ["CLIP"]),
+        "CLIPTextEncodeHiDream": (text(("clip_l", "clip_g", "t5xxl", "llama")), ["CONDITIONING"]),
+        "ModelSamplingSD3": ({"required": {"model": ("MODEL", {}), "shift": ("FLOAT", {})}}, ["MODEL"]),
+        "EmptySD3LatentImage": (
+            {"required": {"width": ("INT", {}), "height": ("INT", {}), "batch_size": ("INT", {})}},
+            ["LATENT"],
+        ),
+        "KSampler": (
+            {
+                "required": {
+                    "model": ("MODEL", {}),
+                    "seed": ("INT", {"control_after_generate": True}),
+                    "steps": ("INT", {}),
+                    "cfg": ("FLOAT", {}),
+                    "sampler_name": ([], {}),
+                    "scheduler": ([], {}),
+                    "positive": ("CONDITIONING", {}),
+                    "negative": ("CONDITIONING", {}),
+                    "latent_image": ("LATENT", {}),
+                    "denoise": ("FLOAT", {}),
+                }
+            },
+            ["LATENT"],
+        ),
+        "VAELoader": ({"required": {"vae_name": ([], {})}}, ["VAE"]),
+        "VAEDecode": ({"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}}, ["IMAGE"]),
+    }
+    for name, (inputs, outputs) in core.items():
+        CORE_INPUTS.setdefault(name, inputs)
+        CORE_OUTPUTS.setdefault(name, outputs)
+    prompt = "A red fox reading a newspaper in a sunlit Paris cafe, photorealistic"
+    words = {"clip_l": prompt, "clip_g": prompt, "t5xxl": prompt, "llama": prompt}
+    negative = {k: "blurry, low quality" for k in words}
+    return {
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": REAL_FILES["model_name"], "weight_dtype": "default"},
+        },
+        "2": {
+            "class_type": "QuadrupleCLIPLoader",
+            "inputs": {
+                "clip_name1": REAL_FILES["clip_l"],
+                "clip_name2": REAL_FILES["clip_g"],
+                "clip_name3": REAL_FILES["t5"],
+                "clip_name4": REAL_FILES["llama"],
+            },
+        },
+        "3": {"class_type": "CLIPTextEncodeHiDream", "inputs": {"clip": ["2", 0], **words}},
+        "4": {"class_type": "CLIPTextEncodeHiDream", "inputs": {"clip": ["2", 0], **negative}},
+        "5": {
+            "class_type": "HiDreamI1NativeStageLora",
+            "inputs": {
+                "model": ["1", 0],
+                "lora_name": LORA_FILES["high"],
+                "strength": 0.8,
+                "stage": "high",
+                "boundary": 0.875,
+            },
+        },
+        "6": {
+            "class_type": "HiDreamI1NativeFirstBlockCache",
+            "inputs": {
+                "model": ["5", 0],
+                "threshold": 0.25,
+                "start_step": -1,
+                "end_step": -1,
+                "start_percent": -1,
+                "end_percent": -1,
+                "max_consecutive": 3,
+            },
+        },
+        "7": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["6", 0], "shift": 3.0}},
+        "8": {
+            "class_type": "EmptySD3LatentImage",
+            "inputs": {"width": 1024, "height": 1024, "batch_size": 1},
+        },
+        "9": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["7", 0],
+                "seed": 42,
+                "steps": 50,
+                "cfg": 5.0,
+                "sampler_name": "uni_pc",
+                "scheduler": "simple",
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["8", 0],
+                "denoise": 1.0,
+            },
+        },
+        "10": {"class_type": "VAELoader", "inputs": {"vae_name": REAL_FILES["vae_name"]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["10", 0]}},
+        "12": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["11", 0], "filename_prefix": "hidream_i1_native"},
+        },
+    }
 
 
 def _node_types(class_type: str) -> tuple[dict, list[str], list[str]]:
@@ -385,6 +495,7 @@ def all_workflows() -> dict[str, dict]:
         "hidream_i1_run_runware_task": run_runware_task_graph(_task_text("glasswright_caravan")),
         "hidream_i1_full_safety_check": safety_graph(),
         "hidream_i1_diffusers_folder": diffusers_graph(),
+        "hidream_i1_full_native_cache_lora": native_cache_lora_graph(),
     }
     for task_file in sorted((WORKFLOWS / "tasks").glob("*.json")):
         task = json.loads(task_file.read_text())

@@ -34,11 +34,19 @@ def _shrink_task(text: str) -> str:
     return json.dumps(tasks, indent=2)
 
 
-def shrink(graph: dict) -> dict:
-    """A copy with every size at most MAX_SIDE px and STEPS sampling steps (widgets only)."""
+# Runs exactly as shipped (bf16 compute, fp8 block weights, offload); the others compute in
+# fp32, since this CPU has no fast bf16 kernels (a tiny VAE decode: 18 s in bf16, 1.6 s in fp32).
+AS_SHIPPED = "hidream_i1_full_t2i"
+
+
+def shrink(graph: dict, *, keep_dtype: bool = False) -> dict:
+    """A copy with every size at most MAX_SIDE px and STEPS sampling steps (widgets only);
+    loaders compute in fp32 unless ``keep_dtype``."""
     graph = copy.deepcopy(graph)
     for node in graph.values():
         inputs = node["inputs"]
+        if not keep_dtype and inputs.get("dtype") in ("bf16", "fp16"):
+            inputs["dtype"] = "fp32"
         if node["class_type"] == "HiDreamI1Sampler":
             if isinstance(inputs["width"], int):
                 inputs["width"], inputs["height"] = _shrink_size(inputs["width"], inputs["height"], 16)

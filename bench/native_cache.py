@@ -1,0 +1,301 @@
+"""Our caches on ComfyUI's native HiDream MODEL vs no cache and vs core EasyCache, in one run.
+
+ComfyUI's own HiDream model class (``comfy.model_base.HiDream``) is built in this process at
+the benchmark config of ``_common`` (random weights, 4 double + 8 single blocks, inner 256,
+128 + 128 text tokens: a small config, since ComfyUI's loader only builds the full size), and
+sampled by ComfyUI's own sampling (``comfy.sample.sample_custom``, Euler over the pack's
+FlowMatchEuler sigmas, CFG 5, cond and uncond batched, PyTorch SDPA attention), one thread:
+``--quick`` 8 steps at 128x128 with 64 + 64 text tokens, else 30 steps at 256x256 with 128 + 128.
+
+For FB / DB / Tea the thresholds are read off the model by ``calibrate`` so that about half
+the model calls reuse; TeaCache rescales with the coefficients ``0.5, 0`` (the published
+polynomials are fitted to the trained model's embeddings, not to random weights). efficiency = measured speedup / ideal
+speedup, the ideal being 1 / (fraction of block calls run); native_efficiency is over our
+three caches together (sum of ideal times / sum of measured times). Core EasyCache (start 0,
+end 1, its threshold bisected until it skips as many steps as our TeaCache) skips the whole
+model on a hit, as TeaCache does, so vs_easycache = our TeaCache wall / EasyCache wall
+compares the two attachments' overheads. Times are minima over 3 interleaved repeats (order
+rotated per repeat); CPU-time figures are printed too, since wall time on a shared machine is noisy.
+Needs ComfyUI: COMFYUI_PATH, else <repo>/.comfyui/ComfyUI. Last line:
+
+    native_efficiency=<x> vs_easycache=<y>
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from _common import BENCH_CONFIG, ROOT, TEXT_TOKENS, load_pack, setup_threads
+
+# Random weights do not converge like a trained model, so the thresholds are read off this model
+# (``calibrate``): the block caches' at the 60th percentile of the block-0 residual distances of
+# an uncached run; TeaCache's at 1.5 x the median rescaled change of its input (the timestep
+# embedding), so about every other step is a hit.
+TEA_COEFFICIENTS = (0.5, 0.0)
+QUICK = (8, 128, 64)  # steps, size, text tokens per stream
+FULL = (30, 256, TEXT_TOKENS)
+SIZE = 256
+TOKENS = TEXT_TOKENS
+CFG = 5.0
+
+
+def import_comfy():
+    root = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfyui" / "ComfyUI")
+    if not (root / "comfy" / "model_base.py").is_file():
+        sys.exit(
+            f"ComfyUI not found at {root}: set COMFYUI_PATH (bash ../shared/comfyui/install.sh PYTHON .comfyui)"
+        )
+    sys.path.insert(0, str(root))
+    import comfy.cli_args
+    import torch
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = True  # SDPA (ComfyUI's CPU default is sub-quadratic)
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.samplers
+    import comfy.supported_models
+
+    return comfy
+
+
+def build(comfy):
+    import torch
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    weights = HiDreamImageTransformer2DModel(**BENCH_CONFIG).eval().state_dict()
+    model_config = comfy.supported_models.HiDream({"image_model": "hidream", **BENCH_CONFIG})
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device="cpu")
+    base.diffusion_model.load_state_dict(weights)
+    base.diffusion_model.eval()
+    dev = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=dev)
+
+
+def conds():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    layers = len(BENCH_CONFIG["llama_layers"])
+
+    def one():
+        return [
+            [
+                torch.randn(1, TOKENS, 64, generator=g),
+                {
+                    "pooled_output": torch.randn(1, 64, generator=g),
+                    "conditioning_llama3": torch.randn(1, layers, TOKENS, 64, generator=g),
+                },
+            ]
+        ]
+
+    return one(), one()
+
+
+class Bench:
+    def __init__(self, comfy, patcher, steps: int) -> None:
+        import torch
+        from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
+
+        self.comfy, self.patcher = comfy, patcher
+        self.sigmas = make_sampler(SchedulerSpec("FlowMatchEulerDiscreteScheduler"), "full", steps).sigmas
+        self.pos, self.neg = conds()
+        self.latent = torch.zeros(1, 16, SIZE // 8, SIZE // 8)
+        self.noise = comfy.sample.prepare_noise(self.latent, 0)
+
+    def sample(self, model):
+        import torch
+
+        with torch.no_grad():
+            start, cpu = time.perf_counter(), time.process_time()
+            out = self.comfy.sample.sample_custom(
+                model,
+                self.noise,
+                CFG,
+                self.comfy.samplers.ksampler("euler"),
+                self.sigmas,
+                self.pos,
+                self.neg,
+                self.latent,
+                disable_pbar=True,
+                seed=0,
+            )
+            self.cpu = time.process_time() - cpu
+            return out, time.perf_counter() - start
+
+
+def our_model(patcher, method: str, threshold: float):
+    from hidream_pack.hidream.cache_config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+    from hidream_pack.hidream.native.cache import attach_cache
+
+    never = 1000  # no forced refresh (the other methods have none)
+    config = {
+        "FB": lambda: FirstBlockCacheConfig(threshold=threshold),
+        "DB": lambda: DBCacheConfig(threshold=threshold, refresh_interval=never),
+        "Tea": lambda: TeaCacheConfig(distance=threshold, coefficients=TEA_COEFFICIENTS),
+    }[method]()
+    return attach_cache(patcher, config, f"bench {method}")
+
+
+def calibrate(bench) -> dict[str, float]:
+    """Thresholds that reuse about half the model calls on this model (the comment above TEA_COEFFICIENTS)."""
+    import torch
+
+    probe = our_model(bench.patcher, "FB", 0.0)
+    bench.sample(probe)
+    dists = [r.distance("rest") for r in session_of(probe).records if r.distances]
+    block = float(torch.tensor(dists).quantile(0.6))
+    embed = bench.patcher.model.diffusion_model.t_embedder
+    embs = [embed(torch.tensor([float(s) * 1000]), torch.float32) for s in bench.sigmas[:-1]]
+    changes = [float((b - a).abs().sum() / a.abs().sum()) for a, b in zip(embs, embs[1:], strict=False)]
+    rescaled = TEA_COEFFICIENTS[0] * float(torch.tensor(changes).median())
+    return {"FB": round(block, 4), "DB": round(block, 4), "Tea": round(min(1.5 * rescaled, 1.0), 4)}
+
+
+def session_of(model):
+    from hidream_pack.hidream.native.cache import KEY
+
+    return model.model_options["transformer_options"][KEY].last_session
+
+
+def reused_fraction(model) -> float:
+    recs = session_of(model).records
+    return sum(1 for r in recs if r.reused) / len(recs)
+
+
+class _SkipLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r"EasyCache - skipped (\d+)/", record.getMessage())
+        if m:
+            self.skipped = int(m.group(1))
+
+
+def easycache_model(patcher, threshold: float):
+    import comfy.patcher_extension as pe
+    from comfy_extras import nodes_easycache as ec
+
+    model = patcher.clone()
+    model.model_options["transformer_options"]["easycache"] = ec.EasyCacheHolder(
+        threshold, 0.0, 1.0, subsample_factor=8, offload_cache_diff=False, verbose=False
+    )
+    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "easycache", ec.easycache_sample_wrapper)
+    model.add_wrapper_with_key(
+        pe.WrappersMP.CALC_COND_BATCH, "easycache", ec.easycache_calc_cond_batch_wrapper
+    )
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "easycache", ec.easycache_forward_wrapper)
+    return model
+
+
+def bisect(probe, lo: float, hi: float, target, iters: int):
+    """The threshold in [lo, hi] whose probe value is closest to ``target`` (probe increasing)."""
+    best = None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        value = probe(mid)
+        if best is None or abs(value - target) < abs(best[1] - target):
+            best = (mid, value)
+        if value == target:
+            break
+        lo, hi = (mid, hi) if value < target else (lo, mid)
+    return best
+
+
+def rel_l1(a, b) -> float:
+    return float((a - b).abs().sum() / b.abs().sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK[0]} steps at {QUICK[1]}px, {QUICK[2]} text tokens, 2 repeats",
+    )
+    args = parser.parse_args()
+    global SIZE, TOKENS
+    steps, SIZE, TOKENS, repeats = (*QUICK, 3) if args.quick else (*FULL, 3)
+    setup_threads(1)
+    load_pack()
+    comfy = import_comfy()
+    bench = Bench(comfy, build(comfy), steps)
+    print(
+        f"native HiDream (ComfyUI's model class, bench config), {SIZE}x{SIZE}, {TOKENS}+{TOKENS} text tokens, "
+        f"{steps} steps, CFG {CFG}, euler"
+    )
+
+    import torch
+
+    with torch.no_grad():
+        thresholds = calibrate(bench)
+    tea_model = our_model(bench.patcher, "Tea", thresholds["Tea"])
+    bench.sample(tea_model)
+    tea_skipped = len({r.step for r in session_of(tea_model).records if "tea" in r.reused})
+    handler = _SkipLog()
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+    def ec_probe(t):
+        bench.sample(easycache_model(bench.patcher, t))
+        print(f"  EasyCache probe threshold {t:.4f}: skipped {handler.skipped}", file=sys.stderr, flush=True)
+        return handler.skipped
+
+    ec_threshold, ec_skipped = bisect(ec_probe, 0.0, 1.0, tea_skipped, 4)
+
+    models = {"none": bench.patcher, "EasyCache": easycache_model(bench.patcher, ec_threshold)}
+    models.update({m: our_model(bench.patcher, m, thresholds[m]) for m in ("FB", "DB", "Tea")})
+    best = {name: float("inf") for name in models}
+    best_cpu = dict(best)
+    outs = {}
+    names = list(models)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no fixed first place
+            outs[name], wall = bench.sample(models[name])
+            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], bench.cpu)
+            print(f"  {name}: {wall:.2f} s wall, {bench.cpu:.2f} s CPU", file=sys.stderr, flush=True)
+    t0 = best["none"]
+    head = ("method", "threshold", "reused", "blocks", "wall s", "speedup", "ideal", "eff", "relL1")
+    print("{:10} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>6}".format(*head))
+    print(f"{'none':10} {'-':>9} {'0':>7} {'1.000':>7} {t0:7.2f} {1.0:8.2f} {1.0:6.2f} {1.0:5.2f} {0.0:6.3f}")
+    ideal_sum = wall_sum = 0.0
+    nb = len(BENCH_CONFIG["llama_layers"])
+    for m in ("FB", "DB", "Tea"):
+        session = session_of(models[m])
+        frac = session.block_fraction(nb)
+        speed, ideal = t0 / best[m], 1 / frac
+        ideal_sum, wall_sum = ideal_sum + t0 * frac, wall_sum + best[m]
+        reused = f"{sum(1 for r in session.records if r.reused)}/{len(session.records)}"
+        print(
+            f"{m:10} {thresholds[m]:9.4f} {reused:>7} {frac:7.3f} {best[m]:7.2f} {speed:8.2f} {ideal:6.2f} "
+            f"{speed / ideal:5.2f} {rel_l1(outs[m], outs['none']):6.3f}"
+        )
+    print(
+        f"{'EasyCache':10} {ec_threshold:9.4f} {f'{ec_skipped}/{steps}':>7} {'-':>7} {best['EasyCache']:7.2f} "
+        f"{t0 / best['EasyCache']:8.2f} {'-':>6} {'-':>5} {rel_l1(outs['EasyCache'], outs['none']):6.3f}"
+    )
+    print(
+        f"TeaCache skipped {tea_skipped}/{steps} steps, EasyCache {ec_skipped}/{steps} (reused: model calls, 2 a step)"
+    )
+    cpu_ideal = sum(best_cpu["none"] * session_of(models[m]).block_fraction(nb) for m in ("FB", "DB", "Tea"))
+    cpu_sum = sum(best_cpu[m] for m in ("FB", "DB", "Tea"))
+    print(
+        f"CPU-time figures (less sensitive to a shared machine): native_efficiency={cpu_ideal / cpu_sum:.3f} "
+        f"vs_easycache={best_cpu['Tea'] / best_cpu['EasyCache']:.3f}"
+    )
+    print(f"native_efficiency={ideal_sum / wall_sum:.3f} vs_easycache={best['Tea'] / best['EasyCache']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

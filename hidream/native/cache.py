@@ -1,0 +1,171 @@
+"""First Block Cache, TeaCache and DBCache on ComfyUI's native HiDream ``MODEL``.
+
+The policies are the pack's own (``hidream.cache.CacheSession``, the same kernels); this
+module only attaches them to a ``ModelPatcher`` clone through ComfyUI's wrapper mechanism:
+
+- the node stores a ``NativeCacheHolder`` (the cache configs, no tensors) under
+  ``transformer_options["hidream_cache"]`` of ``model.clone()`` and registers two wrappers
+  under the key ``"hidream_cache"`` (once, however many of our cache nodes are chained):
+- OUTER_SAMPLE opens a fresh ``CacheSession`` for every sampling call (the step count comes
+  from the sigmas, so window options are checked there, before the first step), puts it in a
+  clone of the guider's model options and logs the per-step telemetry line when sampling
+  ends (also on error or interrupt);
+- DIFFUSION_MODEL runs ComfyUI's HiDream forward through ``NativeRunner`` with the session's
+  policy. Wrappers registered after ours still run, around our forward (we become their
+  ``original``), so the cache composes with other wrappers and with core LoRA loaders
+  (which patch weights, not the forward).
+
+Cond and uncond: ComfyUI batches them or runs them as separate calls, depending on memory.
+Each cond (ComfyUI's per-cond ``uuids``) is its own branch with its own state and its own
+decision, so both ways give the same decisions (``CacheSession.lanes_policy``).
+Steps: a call's step is the index of its sigma in the run's sigmas; a sigma between two
+(a multi-stage sampler's inner evaluation) belongs to the step it started from.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from ..cache import CacheSession, open_cache_session
+from ..cache_config import check_combination
+from .runner import NativeRunner
+
+log = logging.getLogger(__name__)
+
+KEY = "hidream_cache"
+RUN_KEY = "hidream_cache_run"
+STAGE_KEY = "hidream_lora_stage"  # set by the native stage LoRA; a change forces a computed step
+
+
+def require_hidream(model, node_id: str) -> None:
+    """A clear error, before any work, when ``model`` is not ComfyUI's HiDream."""
+    import comfy.model_base
+
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, comfy.model_base.HiDream):
+        found = type(inner).__name__ if inner is not None else type(model).__name__
+        raise ValueError(
+            f"{node_id}: model must be a HiDream-I1 MODEL (ComfyUI's HiDream, from Load Diffusion Model); "
+            f"got a {found} model"
+        )
+
+
+class NativeCacheHolder:
+    """The cache configs one MODEL carries, plus the last run's session for telemetry.
+
+    A clone of the MODEL deep-copies ``model_options``; the copy keeps the configs and drops
+    the last session (no tensors are copied, and branches never share a session)."""
+
+    def __init__(self, configs: tuple, variant: str) -> None:
+        self.configs = tuple(configs)
+        self.variant = variant
+        self.last_session: CacheSession | None = None
+        self.last_report = ""
+
+    def __deepcopy__(self, memo) -> NativeCacheHolder:
+        return NativeCacheHolder(self.configs, self.variant)
+
+
+def attach_cache(model, config, node_id: str, variant: str | None = None):
+    """``model.clone()`` with ``config`` added (replacing one of the same kind); the input MODEL
+    is never changed. ``variant`` (full/dev/fast) picks TeaCache's published polynomial."""
+    import comfy.patcher_extension
+
+    require_hidream(model, node_id)
+    config.validate()
+    old = model.model_options.get("transformer_options", {}).get(KEY)
+    others = tuple(c for c in old.configs if c.kind != config.kind) if old is not None else ()
+    configs = (*others, config)
+    check_combination(configs)
+    variant = variant or (old.variant if old is not None else "full")
+    out = model.clone()
+    out.model_options.setdefault("transformer_options", {})[KEY] = NativeCacheHolder(configs, variant)
+    wrappers = comfy.patcher_extension.WrappersMP
+    for kind, fn in ((wrappers.OUTER_SAMPLE, _outer_sample), (wrappers.DIFFUSION_MODEL, _diffusion_model)):
+        if not out.wrappers.get(kind, {}).get(KEY):
+            out.add_wrapper_with_key(kind, KEY, fn)
+    return out
+
+
+class _Run:
+    """One sampling call: its session and the step bookkeeping."""
+
+    def __init__(self, session: CacheSession, sigmas: torch.Tensor) -> None:
+        self.session = session
+        self.desc = [-float(s) for s in sigmas.detach().cpu().flatten()]  # ascending, for bisect
+        self.step = -1
+        self.stage = None
+
+    def enter(self, sigma: float, stage) -> None:
+        # The call's sigma arrives in the model's dtype: allow its rounding when matching.
+        slack = 1e-5 * (1.0 + abs(sigma))
+        step = min(max(bisect.bisect_right(self.desc, -sigma + slack) - 1, 0), self.session.steps - 1)
+        if step != self.step:
+            forced = self.step >= 0 and stage != self.stage
+            self.step, self.stage = step, stage
+            self.session.begin_step(step, force_compute=forced)
+
+
+def _outer_sample(executor, *args, **kwargs):
+    import comfy.model_patcher
+
+    guider = executor.class_obj
+    original = guider.model_options
+    holder: NativeCacheHolder = original["transformer_options"][KEY]
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    session = open_cache_session(holder.configs, holder.variant, max(len(sigmas) - 1, 1))
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    guider.model_options["transformer_options"][RUN_KEY] = _Run(session, sigmas)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+        holder.last_session = session
+        holder.last_report = session.summary(
+            NativeRunner(guider.model_patcher.model.diffusion_model).num_blocks
+        )
+        log.info("HiDream native cache: %s", holder.last_report)
+
+
+def _options(args: tuple, kwargs: dict) -> dict:
+    opts = kwargs.get("transformer_options")
+    return opts if isinstance(opts, dict) else args[-1]
+
+
+def _branch(kind: int, uuid) -> str:
+    """A cond's branch name: ``cond``/``uncond`` (ComfyUI's 0/1) and the cond's uuid."""
+    return f"{'uncond' if kind == 1 else 'cond'}:{uuid}"
+
+
+def _diffusion_model(executor, *args, **kwargs):
+    import comfy.patcher_extension
+
+    opts = _options(args, kwargs)
+    run: _Run | None = opts.get(RUN_KEY)
+    if run is None:  # sampled without our OUTER_SAMPLE wrapper (e.g. a bare apply_model call)
+        return executor(*args, **kwargs)
+    runner = NativeRunner(executor.class_obj)
+
+    def cached_forward(
+        x, t, y=None, context=None, llama=None, image_cond=None, control=None, transformer_options=None
+    ):
+        o = transformer_options if transformer_options is not None else opts
+        sigma = o.get("sigmas")
+        run.enter(float(sigma.max()) if sigma is not None else float(t.max()) / 1000.0, o.get(STAGE_KEY))
+        uuids = o.get("uuids") or [""]
+        kinds = o.get("cond_or_uncond") or [0] * len(uuids)
+        rows = x.shape[0] // len(uuids)
+        lanes = tuple(
+            (_branch(k, u), i * rows, (i + 1) * rows)
+            for i, (k, u) in enumerate(zip(kinds, uuids, strict=True))
+        )
+        policy = run.session.lanes_policy(lanes)
+        return runner.forward(x, t, y, context, llama, image_cond, o, policy=policy)
+
+    inner = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+        cached_forward, executor.class_obj, executor.wrappers, executor.idx + 1
+    )
+    return inner.execute(*args, **kwargs)

@@ -1,0 +1,134 @@
+"""ComfyUI's HiDream forward, cut at the same hook points as the pack's own runner.
+
+``comfy.ldm.hidream.model.HiDreamImageTransformer2DModel._forward`` runs all its blocks in
+one loop and offers no block-level patch point; its whole forward runs through the
+DIFFUSION_MODEL wrapper. ``NativeRunner`` gives the cache policies (``hidream.cache``) the
+interface of ``hidream.runner.TransformerRunner`` (``prepare`` -> ``run_blocks`` ->
+``finish``) over ComfyUI's own modules, doing the same operations in the same order as
+``_forward``, so a policy that runs every block returns ComfyUI's output bit for bit (tested).
+It reads ComfyUI's module at call time and keeps no per-call state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runner import ForwardContext
+
+
+@dataclass
+class NativeContext(ForwardContext):
+    """``ForwardContext`` plus what ComfyUI's forward needs to finish: the crop and options."""
+
+    size: tuple[int, int] = (0, 0)  # (h, w) of the latent before padding to the patch size
+    img_sizes: list = field(default_factory=list)
+    transformer_options: dict = field(default_factory=dict)
+
+
+class NativeRunner:
+    """Runs ComfyUI's ``HiDreamImageTransformer2DModel`` block by block (see the module doc)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.double_blocks = list(model.double_stream_blocks)
+        self.single_blocks = list(model.single_stream_blocks)
+        self.num_double = len(self.double_blocks)
+        self.num_blocks = self.num_double + len(self.single_blocks)
+
+    def prepare(self, x, t, y, context, llama, image_cond=None, transformer_options=None) -> NativeContext:
+        """Embeddings, text streams and rope, as the first half of ComfyUI's ``_forward``."""
+        import comfy.ldm.common_dit
+
+        m = self.model
+        _, _, h, w = x.shape
+        if image_cond is not None:
+            x = torch.cat([x, image_cond], dim=-1)
+        hidden = comfy.ldm.common_dit.pad_to_patch_size(x, (m.patch_size, m.patch_size))
+        batch = hidden.shape[0]
+        t_emb = m.t_embedder(m.expand_timesteps(t, batch, hidden.device), hidden.dtype)
+        temb = t_emb + m.p_embedder(y)
+        hidden, masks, img_sizes = m.patchify(hidden, m.max_seq, None)
+        if masks is not None:  # only for list inputs, which ComfyUI's sampling never passes
+            raise ValueError("HiDream native cache: padded (masked) image tokens are not supported")
+        ph, pw = img_sizes[0]
+        img_ids = torch.zeros(ph, pw, 3, device=hidden.device)
+        img_ids[..., 1] = img_ids[..., 1] + torch.arange(ph, device=hidden.device)[:, None]
+        img_ids[..., 2] = img_ids[..., 2] + torch.arange(pw, device=hidden.device)[None, :]
+        img_ids = img_ids.reshape(1, ph * pw, 3).repeat(batch, 1, 1)
+        img = m.x_embedder(hidden)
+        layers = llama.movedim(1, 0)
+        enc = [
+            m.caption_projection[i](layers[k]).view(batch, -1, img.shape[-1])
+            for i, k in enumerate(m.llama_layers)
+        ]
+        t5 = m.caption_projection[-1](context).view(batch, -1, img.shape[-1])
+        txt_ids = torch.zeros(
+            batch,
+            t5.shape[1] + enc[-1].shape[1] + enc[0].shape[1],
+            3,
+            device=img_ids.device,
+            dtype=img_ids.dtype,
+        )
+        rope = m.pe_embedder(torch.cat((img_ids, txt_ids), dim=1))
+        return NativeContext(
+            img=img,
+            txt=torch.cat([t5, enc[-1]], dim=1),
+            temb=temb,
+            llama=enc,
+            rope=rope,
+            grid=(ph, pw),
+            batch=batch,
+            t_emb=t_emb,
+            size=(h, w),
+            img_sizes=img_sizes,
+            transformer_options=transformer_options if transformer_options is not None else {},
+        )
+
+    def run_blocks(self, ctx: NativeContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor):
+        """Flat blocks ``start``..``end``-1 (double first); returns the image and text streams."""
+        n_txt = txt.shape[1]
+        opts = ctx.transformer_options
+        for idx in range(start, min(end, self.num_double)):
+            cur = torch.cat([txt, ctx.llama[idx]], dim=1)
+            img, txt = self.double_blocks[idx](
+                image_tokens=img,
+                image_tokens_masks=None,
+                text_tokens=cur,
+                adaln_input=ctx.temb,
+                rope=ctx.rope,
+                transformer_options=opts,
+            )
+            txt = txt[:, :n_txt]
+        first_single = max(start, self.num_double)
+        if first_single >= end:
+            return img, txt
+        n_img = img.shape[1]
+        hidden = torch.cat([img, txt], dim=1)
+        seq = hidden.shape[1]
+        for idx in range(first_single, end):
+            hidden = torch.cat([hidden, ctx.llama[idx]], dim=1)
+            hidden = self.single_blocks[idx - self.num_double](
+                image_tokens=hidden,
+                image_tokens_masks=None,
+                text_tokens=None,
+                adaln_input=ctx.temb,
+                rope=ctx.rope,
+                transformer_options=opts,
+            )[:, :seq]
+        return hidden[:, :n_img], hidden[:, n_img:]
+
+    def finish(self, ctx: NativeContext, img: torch.Tensor) -> torch.Tensor:
+        """Final layer, unpatchify, crop and negate, as the end of ComfyUI's ``_forward``."""
+        out = self.model.unpatchify(self.model.final_layer(img, ctx.temb), ctx.img_sizes)
+        h, w = ctx.size
+        return -out[:, :, :h, :w]
+
+    def forward(self, x, t, y, context, llama, image_cond=None, transformer_options=None, policy=None):
+        ctx = self.prepare(x, t, y, context, llama, image_cond, transformer_options)
+        if policy is None:
+            img, _ = self.run_blocks(ctx, 0, self.num_blocks, ctx.img, ctx.txt)
+        else:
+            img = policy(self, ctx)
+        return self.finish(ctx, img)

@@ -1,0 +1,135 @@
+"""Shared helpers for the native-MODEL tests: a real ComfyUI, its own HiDream model class at the
+pack's tiny config with the pack's tiny weights, and ComfyUI's own sampling.
+
+ComfyUI is found through ``COMFYUI_PATH``, else ``<repo>/.comfyui/ComfyUI``; without one the
+tests skip and say how to install it. ComfyUI goes on ``sys.path`` only when a test asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hidream_pack.hidream.tiny import TINY_TRANSFORMER_CONFIG
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_HINT = (
+    "ComfyUI not found (set COMFYUI_PATH or install it into the checkout with "
+    "`bash ../shared/comfyui/install.sh .venv/bin/python .comfyui`)"
+)
+
+
+def comfyui_root() -> Path | None:
+    for cand in (os.environ.get("COMFYUI_PATH"), REPO / ".comfyui" / "ComfyUI"):
+        if cand and (Path(cand) / "comfy" / "model_base.py").is_file():
+            return Path(cand)
+    return None
+
+
+def import_comfy():
+    """Put ComfyUI on ``sys.path`` (CPU mode) and return ``comfy``, or skip the test."""
+    root = comfyui_root()
+    if root is None:
+        pytest.skip(INSTALL_HINT)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.samplers
+    import comfy.supported_models
+
+    return comfy
+
+
+def native_model(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32):
+    """ComfyUI's own HiDream model (``comfy.model_base.HiDream``) at ``transformer``'s config,
+    holding ``transformer``'s weights (the key names are the same), in a ``ModelPatcher``."""
+    comfy = import_comfy()
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    keep = list(TINY_TRANSFORMER_CONFIG)  # the constructor arguments ComfyUI takes too
+    unet = {"image_model": "hidream", **{k: config[k] for k in keep}}
+    model_config = comfy.supported_models.HiDream(unet)
+    model_config.set_inference_dtype(dtype, None)
+    base = model_config.get_model({}, device="cpu")
+    missing, unexpected = base.diffusion_model.load_state_dict(transformer.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"tiny weights do not match ComfyUI's HiDream: {missing[:3]} {unexpected[:3]}")
+    base.diffusion_model.to(dtype).eval()
+    dev = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=dev)
+
+
+def conditioning(layers: int, seed: int = 1, tokens: int = 8, dim: int = 32):
+    """(positive, negative) in ComfyUI's CONDITIONING format (what CLIPTextEncodeHiDream gives),
+    and the same tensors as the pack's HIDREAM_COND."""
+    from hidream_pack.hidream import text
+
+    g = torch.Generator().manual_seed(seed)
+    t5 = torch.randn(2, tokens, dim, generator=g)
+    llama = torch.randn(layers, 2, tokens, dim, generator=g)
+    pooled = torch.randn(2, dim, generator=g)
+
+    def comfy_cond(i: int) -> list:
+        return [
+            [
+                t5[i : i + 1],
+                {
+                    "pooled_output": pooled[i : i + 1],
+                    "conditioning_llama3": llama[:, i : i + 1].movedim(1, 0),
+                },
+            ]
+        ]
+
+    pack = text.Conditioning(
+        positive=text.PromptEmbeds(t5[1:], llama[:, 1:], pooled[1:]),
+        negative=text.PromptEmbeds(t5[:1], llama[:, :1], pooled[:1]),
+    )
+    return comfy_cond(1), comfy_cond(0), pack
+
+
+def sample(
+    patcher,
+    positive,
+    negative,
+    sigmas: torch.Tensor,
+    *,
+    cfg: float = 4.0,
+    seed: int = 0,
+    size: int = 64,
+    sampler: str = "euler",
+    batched: bool = True,
+) -> torch.Tensor:
+    """ComfyUI's own sampling (``comfy.sample.sample_custom``, as SamplerCustom runs it) of an
+    empty ``size``x``size`` latent; ``batched=False`` makes ComfyUI run cond and uncond apart."""
+    comfy = import_comfy()
+    latent = torch.zeros(1, 16, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    ksampler = comfy.samplers.ksampler(sampler)
+    base = patcher.model
+    if not batched:  # ComfyUI batches conds only when it thinks memory allows
+        base.memory_required = lambda *args, **kwargs: float("inf")
+    try:
+        with torch.no_grad():
+            return comfy.sample.sample_custom(
+                patcher,
+                noise,
+                cfg,
+                ksampler,
+                sigmas,
+                positive,
+                negative,
+                latent,
+                noise_mask=None,
+                disable_pbar=True,
+                seed=seed,
+            )
+    finally:
+        base.__dict__.pop("memory_required", None)

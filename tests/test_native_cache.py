@@ -1,0 +1,198 @@
+"""The cache nodes on ComfyUI's native HiDream MODEL, run by ComfyUI's own sampling.
+
+ComfyUI's loader fixes HiDream's config at full size, so the model here is ComfyUI's own
+``comfy.model_base.HiDream`` built at the pack's tiny config and holding the pack's tiny
+weights (``tests/_native.py``). Thresholds below were read off the uncached distances of this
+model (0.69..1.7 per step for the block caches, 0.8..1.2 for TeaCache's input), so each
+config reuses some steps and computes others, with the decisions away from the threshold.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _native import conditioning, import_comfy, native_model, sample
+from hidream_pack.hidream import sampling, tiny
+from hidream_pack.hidream.cache_config import (
+    CacheWindow,
+    DBCacheConfig,
+    FirstBlockCacheConfig,
+    TeaCacheConfig,
+)
+from hidream_pack.hidream.handle import HiDreamModel
+from hidream_pack.hidream.native import cache as native_cache
+from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
+from hidream_pack.nodes.native import (
+    HiDreamI1NativeDBCache,
+    HiDreamI1NativeFirstBlockCache,
+    HiDreamI1NativeTeaCache,
+)
+
+STEPS = 12
+SIZE = 128
+SPEC = SchedulerSpec("FlowMatchEulerDiscreteScheduler")
+NEVER = 1000
+CONFIGS = {
+    "fb": FirstBlockCacheConfig(threshold=0.8),
+    "db": DBCacheConfig(threshold=0.8, refresh_interval=NEVER),
+    "tea": TeaCacheConfig(distance=0.9, coefficients=(0.5, 0.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    import_comfy()
+    transformer = tiny.build_transformer(0)
+    positive, negative, pack_cond = conditioning(len(tiny.TINY_TRANSFORMER_CONFIG["llama_layers"]))
+    sigmas = make_sampler(SPEC, "full", STEPS).sigmas
+    patcher = native_model(transformer)
+    ref = sample(patcher, positive, negative, sigmas, size=SIZE)
+    return SimpleNamespace(
+        transformer=transformer,
+        patcher=patcher,
+        pos=positive,
+        neg=negative,
+        pack=pack_cond,
+        sigmas=sigmas,
+        ref=ref,
+    )
+
+
+def run(s, model, **kwargs) -> torch.Tensor:
+    return sample(model, s.pos, s.neg, s.sigmas, size=SIZE, **kwargs)
+
+
+def holder(model) -> native_cache.NativeCacheHolder:
+    return model.model_options["transformer_options"][native_cache.KEY]
+
+
+def decisions(model) -> dict[str, list[tuple[int, tuple[str, ...]]]]:
+    """Per cond (branch ``cond``/``uncond``; ComfyUI's uuids change every run): (step, reused
+    parts) of every model call of the last run."""
+    out: dict[str, list] = {}
+    for rec in holder(model).last_session.records:
+        out.setdefault(rec.branch.split(":")[0], []).append((rec.step, rec.reused))
+    return out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FirstBlockCacheConfig(threshold=0.0), DBCacheConfig(threshold=0.0), TeaCacheConfig(distance=0.0)],
+    ids=["fb", "db", "tea"],
+)
+def test_threshold_zero_is_bit_identical_to_no_cache(setup, config):
+    model = native_cache.attach_cache(setup.patcher, config, "test")
+    out = run(setup, model)
+    assert torch.equal(out, setup.ref)
+    per_cond = decisions(model)
+    assert len(per_cond) == 2  # cond and uncond, each its own branch
+    assert all([step for step, _ in calls] == list(range(STEPS)) for calls in per_cond.values())
+    assert all(reused == () for calls in per_cond.values() for _, reused in calls)
+
+
+@pytest.mark.parametrize("kind", ["fb", "db", "tea"])
+def test_steps_cached_equal_the_hidream_model_path(setup, kind):
+    """Same weights, size, scheduler, seed and cfg: ComfyUI's sampling with our node reuses on
+    exactly the steps the pack's own sampler (HIDREAM_MODEL path) reuses, for both conds."""
+    config = CONFIGS[kind]
+    base = HiDreamModel(setup.transformer, "full", torch.float32, torch.device("cpu"))
+    settings = sampling.SampleSettings(width=SIZE, height=SIZE, steps=STEPS, cfg=4.0, seed=0)
+    seen = []
+    original = sampling._open_cache
+
+    def spy(model, steps):
+        session = original(model, steps)
+        seen.append(session)
+        return session
+
+    sampling._open_cache = spy
+    try:
+        sampling.sample_latents(base.with_cache(config), setup.pack, SPEC, settings)
+    finally:
+        sampling._open_cache = original
+    pack_reused = seen[-1].reused_steps()
+    model = native_cache.attach_cache(setup.patcher, config, "test")
+    run(setup, model)
+    per_cond = decisions(model)
+    native_reused = {b: [step for step, reused in calls if reused] for b, calls in per_cond.items()}
+    assert 0 < len(pack_reused) < STEPS - 1
+    assert native_reused == {"cond": pack_reused, "uncond": pack_reused}
+
+
+@pytest.mark.parametrize("kind", ["fb", "db", "tea"])
+def test_batched_and_separate_conds_make_the_same_decisions(setup, kind):
+    """ComfyUI batches cond+uncond when memory allows, else runs them apart; a wrapper added
+    after ours sees every call (so ours composes with other wrappers) and counts the rows."""
+    import comfy.patcher_extension
+
+    model = native_cache.attach_cache(setup.patcher, CONFIGS[kind], "test")
+    rows: list[int] = []
+
+    def count(executor, *args, **kwargs):
+        rows.append(args[0].shape[0])
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "count", count)
+    out_batched = run(setup, model, batched=True)
+    batched = decisions(model)
+    assert rows == [2] * STEPS
+    rows.clear()
+    out_apart = run(setup, model, batched=False)
+    assert rows == [1] * (2 * STEPS)
+    assert decisions(model) == batched
+    assert any(reused for calls in batched.values() for _, reused in calls)
+    assert torch.allclose(out_batched, out_apart, atol=1e-3)
+
+
+def test_branches_are_isolated_and_the_input_model_is_unchanged(setup):
+    fb = HiDreamI1NativeFirstBlockCache().apply(setup.patcher, 0.8, -1, -1, -1, -1, 3)[0]
+    db = HiDreamI1NativeDBCache().apply(setup.patcher, 0.8, NEVER, 1, 0, -1, -1, -1, -1, 3)[0]
+    first_fb, first_db = run(setup, fb), run(setup, db)
+    assert not torch.equal(first_fb, first_db)
+    assert torch.equal(run(setup, fb), first_fb)  # a second run starts from fresh state
+    assert torch.equal(run(setup, db), first_db)
+    assert native_cache.KEY not in setup.patcher.model_options.get("transformer_options", {})
+    assert not setup.patcher.wrappers.get(comfy_wrappers().DIFFUSION_MODEL, {}).get(native_cache.KEY)
+    assert torch.equal(run(setup, setup.patcher), setup.ref)
+
+
+def comfy_wrappers():
+    import comfy.patcher_extension
+
+    return comfy.patcher_extension.WrappersMP
+
+
+def test_chained_nodes_share_one_holder_and_register_wrappers_once(setup):
+    tea = HiDreamI1NativeTeaCache().apply(setup.patcher, "dev", 0.5, "", -1, -1, -1, -1, 3)[0]
+    both = HiDreamI1NativeFirstBlockCache().apply(tea, 0.3, -1, -1, -1, -1, 2)[0]
+    assert [c.kind for c in holder(both).configs] == ["teacache", "fbcache"]
+    assert holder(both).variant == "dev"
+    assert len(both.wrappers[comfy_wrappers().DIFFUSION_MODEL][native_cache.KEY]) == 1
+    assert len(both.wrappers[comfy_wrappers().OUTER_SAMPLE][native_cache.KEY]) == 1
+    assert [c.kind for c in holder(tea).configs] == ["teacache"]
+    with pytest.raises(ValueError, match="First Block Cache and DBCache"):
+        HiDreamI1NativeDBCache().apply(both, 0.3, 5, 1, 0, -1, -1, -1, -1, 3)
+
+
+def test_window_is_checked_against_the_steps_before_the_first_step(setup):
+    config = FirstBlockCacheConfig(threshold=0.5, window=CacheWindow(end_step=STEPS + 1))
+    model = native_cache.attach_cache(setup.patcher, config, "test")
+    calls = []
+    model.add_wrapper_with_key(
+        comfy_wrappers().DIFFUSION_MODEL, "count", lambda ex, *a, **k: calls.append(1) or ex(*a, **k)
+    )
+    with pytest.raises(ValueError, match=rf"cacheEndStep: {STEPS + 1} must be <= steps \({STEPS}\)"):
+        run(setup, model)
+    assert calls == []
+
+
+def test_a_model_that_is_not_hidream_is_refused_by_name(setup):
+    import comfy.model_base
+
+    flux = SimpleNamespace(model=object.__new__(comfy.model_base.Flux), model_options={})
+    with pytest.raises(ValueError, match=r"^HiDreamI1NativeFirstBlockCache: .* got a Flux model$"):
+        HiDreamI1NativeFirstBlockCache().apply(flux, 0.25, -1, -1, -1, -1, 3)
+    with pytest.raises(ValueError, match=r"^HiDreamI1NativeTeaCache: .* got a Flux model$"):
+        HiDreamI1NativeTeaCache().apply(flux, "full", 0.5, "", -1, -1, -1, -1, 3)

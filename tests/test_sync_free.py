@@ -1,0 +1,192 @@
+"""A forward with no host syncs: the static MoE equals diffusers', and the syncs are counted.
+
+The counter (``hidream.syncs.SyncCounter``) is checked first on code that does sync, then on
+diffusers' own MoE (which it must catch: 2 per MoE layer), then on our forward (0), with the
+caches on too, where each cache decision may read exactly one scalar, only when it decides.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import HiDreamImageTransformer2DModel
+from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+from hidream_pack.hidream import cache as cache_mod
+from hidream_pack.hidream import moe as moe_mod
+from hidream_pack.hidream import tiny
+from hidream_pack.hidream.cache_config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+from hidream_pack.hidream.runner import TransformerRunner
+from hidream_pack.hidream.syncs import SyncCounter
+
+TINY = tiny.TINY_TRANSFORMER_CONFIG
+# (dim, MoE hidden) of the tiny model, of the benchmark model (bench/_common.py) and a wider one.
+MOE_SIZES = {"tiny": (32, 128), "bench": (256, 1024), "wide": (384, 1536)}
+MOE_LAYERS_TINY = 4  # 2 double + 2 single blocks, one MoE feed-forward each
+
+
+@pytest.fixture(scope="module")
+def transformer() -> HiDreamImageTransformer2DModel:
+    torch.manual_seed(0)
+    return HiDreamImageTransformer2DModel(**TINY).eval()
+
+
+def _inputs(batch: int = 2, side: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 16, side, side, generator=g),
+        torch.full((batch,), 731.0),
+        torch.randn(batch, 9, 32, generator=g),
+        torch.randn(4, batch, 11, 32, generator=g),
+        torch.randn(batch, 32, generator=g),
+    )
+
+
+def _moe(dim: int, hidden: int, seed: int) -> MOEFeedForwardSwiGLU:
+    torch.manual_seed(seed)
+    return MOEFeedForwardSwiGLU(dim, hidden, num_routed_experts=4, num_activated_experts=2).eval()
+
+
+# -- the counter ------------------------------------------------------------------------------
+def test_counter_sees_every_kind_of_sync():
+    t = torch.arange(6.0)
+    with SyncCounter() as c:
+        t.tolist()
+        t[0].item()
+        float(t[1])
+        bool(t[2] > 0)
+        t.cpu().numpy()
+        t.nonzero()
+        t[t > 2]
+        torch.bincount(t.long(), minlength=8)
+        t.repeat_interleave(torch.ones(6, dtype=torch.long))
+        torch.equal(t, t)
+    assert dict(c.ops) == {
+        "tolist": 1,
+        "item": 1,
+        "__float__": 1,
+        "__bool__": 1,
+        "cpu": 1,
+        "nonzero": 1,
+        "index": 1,
+        "bincount": 1,
+        "repeat_interleave": 1,
+        "equal": 1,
+    }
+
+
+def test_counter_ignores_static_work():
+    t = torch.randn(4, 8)
+    with SyncCounter() as c:
+        torch.topk(t.softmax(-1), 2, dim=-1)
+        torch.zeros(4, 4).scatter(1, torch.zeros(4, 1, dtype=torch.long), 1.0)
+        t.repeat_interleave(2, dim=0)
+        t.argsort(dim=0, stable=True)
+        t.to(torch.float64)
+    assert c.total == 0
+
+
+# -- the MoE ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", moe_mod.MOE_MODES)
+@pytest.mark.parametrize("size", list(MOE_SIZES))
+def test_static_moe_equals_diffusers_fp32(size, mode):
+    dim, hidden = MOE_SIZES[size]
+    layer = _moe(dim, hidden, seed=3)
+    x = torch.randn(2, 97, dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = layer(x)
+        with moe_mod.static_moe(layer, mode):
+            got = layer(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-5
+    assert "forward" not in layer.__dict__  # the swap is undone
+
+
+def test_every_expert_and_both_picks_take_part():
+    """The check above is only meaningful when routing is not degenerate."""
+    layer = _moe(*MOE_SIZES["bench"], seed=3)
+    x = torch.randn(2, 97, MOE_SIZES["bench"][0], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        idx = torch.topk(torch.nn.functional.linear(x.view(-1, x.shape[-1]), layer.gate.weight), 2).indices
+    assert torch.bincount(idx.flatten(), minlength=4).min().item() > 0
+
+
+def test_static_moe_makes_no_sync_and_diffusers_makes_two():
+    layer = _moe(*MOE_SIZES["tiny"], seed=5)
+    x = torch.randn(1, 40, MOE_SIZES["tiny"][0])
+    with torch.no_grad(), SyncCounter() as theirs:
+        layer(x)
+    with torch.no_grad(), moe_mod.static_moe(layer), SyncCounter() as ours:
+        layer(x)
+    assert dict(theirs.ops) == {"bincount": 1, "cpu": 1}
+    assert ours.total == 0
+
+
+def test_bad_moe_mode_is_an_error_naming_it(transformer):
+    with pytest.raises(ValueError, match="moe: 'sparse' is not a MoE layout; allowed: dense, gather"):
+        TransformerRunner(transformer, moe="sparse")
+
+
+def test_swap_leaves_another_per_instance_forward_alone():
+    layer = _moe(*MOE_SIZES["tiny"], seed=6)
+    marker = layer.forward = lambda x: x * 0 + 7  # e.g. an offload hook
+    with moe_mod.static_moe(layer):
+        assert layer.forward is marker
+    assert layer.forward is marker
+
+
+# -- the forward -------------------------------------------------------------------------------
+def test_forward_equals_diffusers_moe_forward(transformer):
+    x, t, t5, llama, pooled = _inputs()
+    with torch.no_grad():
+        want = TransformerRunner(transformer, moe=None).forward(x, t, t5, llama, pooled)
+        got = TransformerRunner(transformer).forward(x, t, t5, llama, pooled)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert not any("forward" in m.__dict__ for m in transformer.modules())
+
+
+def test_forward_makes_no_host_sync(transformer):
+    x, t, t5, llama, pooled = _inputs()
+    runner = TransformerRunner(transformer)
+    with torch.no_grad(), SyncCounter() as ours:
+        runner.forward(x, t, t5, llama, pooled)
+    with torch.no_grad(), SyncCounter() as theirs:
+        TransformerRunner(transformer, moe=None).forward(x, t, t5, llama, pooled)
+    assert ours.total == 0
+    assert dict(theirs.ops) == {"bincount": MOE_LAYERS_TINY, "cpu": MOE_LAYERS_TINY}
+
+
+CACHES = {
+    "fb": ((FirstBlockCacheConfig(threshold=0.5),), 1),
+    "tea": ((TeaCacheConfig(distance=0.5, coefficients=(1.0, 0.0)),), 1),
+    "db": ((DBCacheConfig(threshold=0.5, refresh_interval=1000),), 2),  # one context per block list
+    "tea+db": ((TeaCacheConfig(distance=0.5, coefficients=(1.0, 0.0)), DBCacheConfig(threshold=0.5)), 3),
+    "fb-always": ((FirstBlockCacheConfig(threshold=1.0),), 0),  # 1.0 reuses without reading
+    "fb-off": ((FirstBlockCacheConfig(threshold=0.0),), 0),  # 0 never reuses: nothing to read
+}
+
+
+@pytest.mark.parametrize("name", list(CACHES))
+def test_cache_decisions_read_one_scalar_each(transformer, name):
+    """Per forward: exactly one read (``tolist`` of the distance sums) per decision taken,
+    at most one per decision context, and none where the rules decide without a distance."""
+    configs, contexts = CACHES[name]
+    steps = 8
+    x, _, t5, llama, pooled = _inputs()
+    runner = TransformerRunner(transformer)
+    session = cache_mod.open_cache_session(configs, "full", steps)
+    counts, reads = [], []
+    with torch.no_grad():
+        for i in range(steps):
+            session.begin_step(i)
+            t = torch.full((2,), 1000.0 * (1 - i / steps))
+            with SyncCounter() as c:
+                out = runner.forward(x, t, t5, llama, pooled, policy=session.policy())
+            x = x - 0.1 * out
+            assert set(c.ops) <= {"tolist"}
+            counts.append(c.total)
+            rec = session.records[-1]
+            reads.append(sum(not isinstance(v, torch.Tensor) for v in rec.distances.values()))
+    assert counts == reads
+    assert counts[0] == 0 and max(counts) <= contexts
+    if contexts:
+        assert sum(counts) >= steps // 2  # decisions were really taken (max_consecutive skips some)
