@@ -173,6 +173,14 @@ class HiDreamI1SaveImage:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, task_uuid: str | None = "", **_: object) -> object:
+        """Without a task_uuid every run must give a new taskUUID and file, as the tooltip says, so
+        the result is never reused (NaN equals nothing). ComfyUI passes no linked value here
+        (a connected task_json arrives as None), so a connected task also saves anew each run."""
+        given = (task_uuid or "").strip()
+        return given if given else float("nan")
+
     def save(
         self,
         images,

@@ -156,13 +156,14 @@ def test_lora_stage_switches_compile_once_per_lora_state(
 def test_unavailable_compile_runs_eagerly_with_one_warning(pristine, eager_backend, monkeypatch, caplog):
     monkeypatch.setattr(compile_mod, "unavailable_reason", lambda device: "no C++ compiler (test)")
     want = _forward(TransformerRunner(pristine))
+    before = compile_mod.graph_count()  # dynamo's counter is per process: earlier tests add to it
     with caplog.at_level(logging.WARNING, logger=compile_mod.__name__):
         runners = [TransformerRunner(pristine, compile="blocks") for _ in range(2)]
         outs = [_forward(r) for r in runners for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records if r.name == compile_mod.__name__]
     assert warnings == ["compile=blocks: running the blocks eagerly instead: no C++ compiler (test)"]
     assert all(torch.equal(o, want) for o in outs)
-    assert compile_mod.graph_count() == 0 and not runners[0].compiled
+    assert compile_mod.graph_count() == before and not runners[0].compiled
 
 
 def test_failing_compile_runs_eagerly_with_one_warning(pristine, eager_backend, monkeypatch, caplog):

@@ -117,7 +117,7 @@ def test_ui_workflow_links_match_both_ends(path):
     for link_id, src, src_slot, dst, dst_slot, kind in data["links"]:
         src_node, dst_node = nodes[src], nodes[dst]
         declared = _output_types(src_node["type"])[src_slot]
-        assert (("COMBO" if isinstance(declared, list) else declared)) == kind
+        assert ("COMBO" if isinstance(declared, list) else declared) == kind
         assert (
             src_node["outputs"][src_slot]["type"] == kind
             and link_id in src_node["outputs"][src_slot]["links"]
