@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ..runware_api.jobs import run_job
 
 
@@ -14,7 +16,9 @@ class HiDreamI1RunwareApiJob:
         "Runs one imageInference task received by the pack's Runware API (/runware/v1). The API queues it "
         "by itself; it is a node so the task waits its turn in ComfyUI's queue and can be cancelled there."
     )
-    RETURN_TYPES = ()
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("response_json",)
+    OUTPUT_TOOLTIPS = ("The task's Runware results (one object per image), as the API sent them.",)
     FUNCTION = "run"
     OUTPUT_NODE = True
 
@@ -32,7 +36,8 @@ class HiDreamI1RunwareApiJob:
         return float("nan")
 
     def run(self, job_id: str) -> dict:
-        return {"ui": run_job(job_id)}
+        ui, results = run_job(job_id)
+        return {"ui": ui, "result": (json.dumps(results),)}
 
 
 NODES = [HiDreamI1RunwareApiJob]

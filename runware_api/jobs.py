@@ -171,8 +171,8 @@ def _is_interrupt(exc: BaseException) -> bool:
     return type(exc).__name__ in ("InterruptProcessingException", "Interrupted")
 
 
-def run_job(job_id: str) -> dict:
-    """Run a queued job inside ComfyUI's prompt worker; returns the node's ``ui`` dict.
+def run_job(job_id: str) -> tuple[dict, list[dict]]:
+    """Run a queued job inside ComfyUI's prompt worker; returns the node's ``ui`` dict and the results.
 
     Images are generated one at a time (image i from seed + i, equal to the batch's image i)
     so each result is sent as soon as it is saved; delivery (upload, webhook) follows the
@@ -182,7 +182,7 @@ def run_job(job_id: str) -> dict:
     if job is None:
         raise ValueError(f"job_id: {job_id!r} is not a pending Runware API job (they expire after their ttl)")
     if job.done:
-        return {"images": job.ui_images}
+        return {"images": job.ui_images}, list(job.results)
     try:
         _generate_all(job)
     except BaseException as exc:
@@ -196,7 +196,7 @@ def run_job(job_id: str) -> dict:
             job.fail(wire.CODE_INFERENCE, f"Inference failed: {type(exc).__name__}: {exc}")
         raise
     job.finish()
-    return {"images": job.ui_images}
+    return {"images": job.ui_images}, list(job.results)
 
 
 def _generate_all(job: Job) -> None:
