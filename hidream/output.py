@@ -476,18 +476,21 @@ def publish(
     retry: dict | None = None,
     extra: list[dict] | None = None,
     defer_delivery: bool = False,
+    image_uuids: list[str] | None = None,
 ) -> Published:
     """Save every image FIRST, then describe and deliver it; a failed delivery never loses a file.
 
     Expired files of the pack's folder are removed before saving. Metadata has upload and
     webhook URLs redacted. An image whose delivery failed keeps its file (``keep_undelivered``).
-    ``defer_delivery`` leaves a sync delivery for ``Published.deliver()``.
+    ``defer_delivery`` leaves a sync delivery for ``Published.deliver()``. ``image_uuids`` fixes
+    each image's UUID in advance (the Runware API announces them in ``processing`` items before
+    the images exist); default: new ones.
     """
     from . import delivery
 
     options.validate()
     arrays = to_uint8_images(images)
-    for name, values in (("seeds", seeds), ("costs", costs), ("extra", extra)):
+    for name, values in (("seeds", seeds), ("costs", costs), ("extra", extra), ("image_uuids", image_uuids)):
         if values is not None and len(values) != len(arrays):
             raise ValueError(
                 f"{name}: got {len(values)} value(s) for {len(arrays)} image(s); expected one per image"
@@ -507,7 +510,14 @@ def publish(
     saved, responses, items = [], [], []
     for i, array in enumerate(arrays):
         data = encode_image(array, options.output_format, options.output_quality, meta)
-        item = save_image(data, options.output_format, folder_root, prefix=prefix, ttl=options.ttl)
+        item = save_image(
+            data,
+            options.output_format,
+            folder_root,
+            prefix=prefix,
+            ttl=options.ttl,
+            image_uuid=None if image_uuids is None else image_uuids[i],
+        )
         response = build_response(
             task_type,
             task_uuid,

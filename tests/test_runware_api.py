@@ -1,0 +1,373 @@
+"""The Runware API's protocol layer without a server: codes, keys, models.json, sessions, jobs.
+
+The real server (routes on ComfyUI, the queue, both SDKs) is tested in
+tests/comfyui/test_runware_api.py; here a fake queue stands in for ComfyUI's, so every
+protocol branch is checked in milliseconds and without models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+import pytest
+from hidream_pack import runware_api
+from hidream_pack.hidream import paths
+from hidream_pack.runware_api import config, jobs, service, wire
+
+KEY = "unit-key-123"
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """A user folder with a key and models.json, and a models folder with placeholder files."""
+    monkeypatch.delenv(config.KEY_ENV, raising=False)
+    models = tmp_path / "models"
+    for sub, name in [
+        ("diffusion_models", "hidream_i1_full_bf16.safetensors"),
+        ("text_encoders", "clip_l_hidream.safetensors"),
+        ("text_encoders", "clip_g_hidream.safetensors"),
+        ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"),
+        ("text_encoders", "llama_3.1_8b_instruct_fp8_scaled.safetensors"),
+        ("vae", "ae.safetensors"),
+        ("loras", "style.safetensors"),
+    ]:
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        (models / sub / name).write_bytes(b"placeholder")
+    paths.set_models_dir(models)
+    config.set_user_dir(tmp_path / "user")
+    folder = tmp_path / "user" / config.FOLDER
+    folder.mkdir(parents=True)
+    (folder / config.KEY_FILE).write_text(f"# comment\n\n{KEY}\n")
+    (folder / config.MODELS_FILE).write_text(json.dumps({"loras": {"civitai:1@1": "style.safetensors"}}))
+    yield folder
+    config.set_user_dir(None)
+    paths.set_models_dir(None)
+
+
+class FakeQueue:
+    """Records submitted jobs; ``state`` is what ComfyUI's queue would say about them."""
+
+    def __init__(self) -> None:
+        self.submitted: list[jobs.Job] = []
+        self.state = "queued"
+
+    async def submit(self, job: jobs.Job) -> None:
+        job.prompt_id = str(uuid.uuid4())
+        self.submitted.append(job)
+
+    def check(self, job: jobs.Job) -> None:
+        if self.state == "gone":
+            job.fail(wire.CODE_CANCELLED, "removed")
+
+
+def task(**over) -> dict:
+    out = {
+        "taskType": "imageInference",
+        "taskUUID": str(uuid.uuid4()),
+        "model": "runware:97@1",
+        "positivePrompt": "a fox",
+        "width": 128,
+        "height": 128,
+        "steps": 2,
+        "seed": 5,
+    }
+    out.update(over)
+    return out
+
+
+def talk(session: service.Session, items) -> tuple[list[dict], list]:
+    """Send one frame; return the messages emitted at once and the pending sync work."""
+    sent: list[dict] = []
+
+    async def emit(message: dict) -> None:
+        sent.append(message)
+
+    async def run():
+        return await session.handle(json.dumps(items), emit)
+
+    pending = asyncio.run(run())
+    return sent, pending
+
+
+# ------------------------------------------------------------------ wire
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "parameter"),
+    [
+        ("steps: got 0; expected an integer from 1 to 1000", "invalidSteps", "steps"),
+        ("positivePrompt: missing; expected a string", "missingPositivePrompt", "positivePrompt"),
+        ("colour: unknown field; allowed fields: taskType", "unknownParameter", "colour"),
+        ('model: got "x"; expected one of runware:97@1', "unknownModel", "model"),
+        ("lora[1].weight: got 5.0; expected a number", "invalidLora", "lora[1].weight"),
+        ("tasks[2].CFGScale: got -1; expected a number", "invalidCFGScale", "CFGScale"),
+        (
+            "acceleratorOptions.cacheEndStep: got 9; expected",
+            "invalidAcceleratorOptions",
+            "acceleratorOptions.cacheEndStep",
+        ),
+    ],
+)
+def test_validation_codes(line, code, parameter):
+    assert wire.validation_code(line) == (code, parameter)
+
+
+def test_http_status_by_first_error():
+    assert [
+        wire.http_status([wire.error(c, "m")])
+        for c in (
+            "invalidApiKey",
+            "noApiKeyConfigured",
+            "taskCancelled",
+            "taskFailedOrNotFound",
+            "invalidSteps",
+            "inferenceError",
+        )
+    ] == [401, 403, 409, 404, 400, 500]
+    assert wire.http_status([]) == 200
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_keys_from_file_and_env(user_dir, monkeypatch):
+    assert config.configured_keys() == (KEY,)
+    assert [config.check_key(k) for k in (KEY, "nope", "", None, 5)] == [
+        "ok",
+        "invalid",
+        "missing",
+        "missing",
+        "missing",
+    ]
+    monkeypatch.setenv(config.KEY_ENV, "env-key")
+    assert config.configured_keys() == (KEY, "env-key") and config.check_key("env-key") == "ok"
+    (user_dir / config.KEY_FILE).unlink()
+    monkeypatch.delenv(config.KEY_ENV)
+    assert config.configured_keys() == () and not config.api_enabled()
+
+
+def test_key_file_change_is_picked_up_without_restart(user_dir):
+    assert config.check_key("rotated-key") == "invalid"
+    (user_dir / config.KEY_FILE).write_text("rotated-key\n")
+    assert config.check_key("rotated-key") == "ok" and config.check_key(KEY) == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "models.json: got list; expected a JSON object"),
+        (
+            {"runware:100@1": {}},
+            "models.json: 'runware:100@1' is not served; this pack runs only runware:97@1",
+        ),
+        (
+            {"runware:97@1": {"dtype": "fp64"}},
+            "models.json: runware:97@1.dtype: got 'fp64'; expected one of bf16, fp16, fp32",
+        ),
+        ({"runware:97@1": {"vea": "ae.safetensors"}}, "models.json: runware:97@1.vea: unknown field"),
+        ({"loras": {"a": 3}}, "models.json: loras: expected an object mapping AIR ids"),
+        ({"pricePerHour": -1}, "models.json: pricePerHour: got -1; expected a number >= 0"),
+    ],
+)
+def test_models_json_errors_name_the_field(doc, message):
+    with pytest.raises(ValueError) as exc:
+        config.parse_settings(doc)
+    assert str(exc.value).startswith(message)
+
+
+def test_models_json_defaults_pick_files(user_dir):
+    settings = config.settings()
+    assert settings.entry == config.ModelEntry() and settings.price_per_hour == 0.0
+    files = config.resolve_files(settings.entry)
+    assert {k: p.name for k, p in files.items()} == {
+        "model": "hidream_i1_full_bf16.safetensors",
+        "clip_l": "clip_l_hidream.safetensors",
+        "clip_g": "clip_g_hidream.safetensors",
+        "t5": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+        "llama": "llama_3.1_8b_instruct_fp8_scaled.safetensors",
+        "vae": "ae.safetensors",
+    }
+
+
+def test_register_routes_only_inside_comfyui():
+    assert runware_api.register_routes() is False  # no ComfyUI server in this process
+
+
+# ------------------------------------------------------------------ sessions
+
+
+def test_ping_auth_and_refusals(user_dir):
+    session = service.Session(FakeQueue(), "http://h:1")
+    t = task()
+    sent, _ = talk(
+        session, [{"taskType": "ping", "ping": True}, t, {"taskType": "authentication", "apiKey": "bad"}]
+    )
+    assert sent[0] == {"data": [{"taskType": "ping", "pong": True}]}
+    assert (sent[1]["errors"][0]["code"], sent[1]["errors"][0]["taskUUID"]) == (
+        "missingApiKey",
+        t["taskUUID"],
+    )
+    assert sent[2] == {
+        "errors": [
+            {
+                "code": "invalidApiKey",
+                "message": "Invalid API key.",
+                "parameter": "apiKey",
+                "taskType": "authentication",
+            }
+        ]
+    }
+    sent, _ = talk(session, [{"taskType": "authentication", "apiKey": KEY}])
+    assert sent == [{"data": [{"taskType": "authentication", "connectionSessionUUID": session.session_uuid}]}]
+    assert session.authenticated
+
+
+def test_api_off_without_key(user_dir):
+    (user_dir / config.KEY_FILE).unlink()
+    sent, _ = talk(
+        service.Session(FakeQueue(), "http://h:1"), [{"taskType": "authentication", "apiKey": KEY}]
+    )
+    assert sent[0]["errors"][0]["code"] == "noApiKeyConfigured"
+    assert KEY not in json.dumps(sent)
+
+
+def test_bad_tasks_are_refused_before_the_queue(user_dir):
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True)
+    bad = [
+        task(steps=0, width=100),
+        task(lora=[{"model": "civitai:2@2"}]),
+        task(steps=4, acceleratorOptions={"teaCache": True, "cacheEndStep": 9}),
+        {"taskType": "upscale", "taskUUID": str(uuid.uuid4())},
+        "not an object",
+    ]
+    sent, pending = talk(session, bad)
+    codes = [[e["code"] for e in m["errors"]] for m in sent]
+    assert codes == [
+        ["invalidSteps", "invalidWidth"],
+        ["unknownModel"],
+        ["invalidAcceleratorOptions"],
+        ["unsupportedTaskType"],
+        ["invalidTask"],
+    ]
+    assert sent[1]["errors"][0]["parameter"] == "lora[0].model"
+    assert queue.submitted == [] and pending == []
+
+
+def test_broken_models_json_is_a_clear_error(user_dir):
+    (user_dir / config.MODELS_FILE).write_text('{"runware:97@1": {"model": "missing.safetensors"}}')
+    sent, _ = talk(service.Session(FakeQueue(), "http://h:1", authenticated=True), [task()])
+    error = sent[0]["errors"][0]
+    assert error["code"] == "invalidModelConfiguration" and "missing.safetensors" in error["message"]
+
+
+def test_async_ack_then_get_response_processing_then_success(user_dir):
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True)
+    t = task(numberResults=2, deliveryMethod="async")  # async without webhook: fine in the API
+    sent, pending = talk(session, [t])
+    assert sent == [{"data": [{"taskType": "imageInference", "taskUUID": t["taskUUID"]}]}] and pending == []
+    job = queue.submitted[0]
+    assert job.task.delivery_method == "async" and len(job.image_uuids) == 2
+    poll = [{"taskType": "getResponse", "taskUUID": t["taskUUID"]}]
+    sent, _ = talk(session, poll)
+    assert sent[0]["data"] == [
+        {"taskType": "imageInference", "taskUUID": t["taskUUID"], "status": "processing", "imageUUID": u}
+        for u in job.image_uuids
+    ]
+    job.add_result({"taskType": "imageInference", "taskUUID": t["taskUUID"], "imageUUID": job.image_uuids[0]})
+    sent, _ = talk(session, poll)
+    assert [i["status"] for i in sent[0]["data"]] == ["processing", "processing"]  # all or nothing
+    job.add_result({"taskType": "imageInference", "taskUUID": t["taskUUID"], "imageUUID": job.image_uuids[1]})
+    job.finish()
+    sent, _ = talk(session, poll)
+    assert [(i["imageUUID"], i["status"]) for i in sent[0]["data"]] == [
+        (u, "success") for u in job.image_uuids
+    ]
+    sent, _ = talk(session, [t])  # the same task again (an SDK re-send): acknowledged, not queued twice
+    assert sent == [{"data": [{"taskType": "imageInference", "taskUUID": t["taskUUID"]}]}]
+    assert len(queue.submitted) == 1
+
+
+def test_sync_streams_each_result_as_it_is_added(user_dir):
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True)
+    t = task(numberResults=2)
+    frames: list[dict] = []
+
+    def worker(job: jobs.Job) -> None:  # ComfyUI's prompt worker thread, in miniature
+        for u in job.image_uuids:
+            time.sleep(0.05)
+            job.add_result({"taskUUID": t["taskUUID"], "imageUUID": u})
+        job.finish()
+
+    async def run() -> jobs.Job:
+        async def emit(message: dict) -> None:
+            frames.append(message)
+
+        first = await session.handle(json.dumps([t]), emit)
+        replay = await session.handle(json.dumps([t]), emit)  # an SDK re-send attaches to the same job
+        job = queue.submitted[0]
+        threading.Thread(target=worker, args=(job,)).start()
+        await asyncio.wait_for(asyncio.gather(*first, *replay), 10)
+        return job
+
+    job = asyncio.run(run())
+    assert len(queue.submitted) == 1
+    assert [len(f["data"]) for f in frames] == [1, 1, 1, 1]  # one frame per image per waiter
+    assert sorted(f["data"][0]["imageUUID"] for f in frames) == sorted(job.image_uuids * 2)
+
+
+async def _append(frames: list, message: dict) -> None:
+    frames.append(message)
+
+
+def test_sync_waiter_sees_a_job_removed_from_the_queue(user_dir):
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True)
+    t = task()
+    _, pending = talk(session, [t])
+    queue.state = "gone"
+    frames: list[dict] = []
+    asyncio.run(session._stream(queue.submitted[0], lambda m: _append(frames, m)))
+    assert frames == [
+        {
+            "errors": [
+                {
+                    "code": "taskCancelled",
+                    "message": "removed",
+                    "taskType": "imageInference",
+                    "taskUUID": t["taskUUID"],
+                }
+            ]
+        }
+    ]
+    for coroutine in pending:
+        coroutine.close()
+
+
+def test_get_response_unknown_task(user_dir):
+    uid = str(uuid.uuid4())
+    sent, _ = talk(
+        service.Session(FakeQueue(), "http://h:1", authenticated=True),
+        [{"taskType": "getResponse", "taskUUID": uid}],
+    )
+    assert sent[0]["errors"][0]["code"] == "taskFailedOrNotFound" and sent[0]["errors"][0]["taskUUID"] == uid
+
+
+def test_finished_jobs_are_kept_for_their_ttl():
+    from hidream_pack.hidream.task import parse_tasks
+
+    job = jobs.new_job(parse_tasks(task(ttl=120))[0], {}, "http://h:1")
+    assert not job.expired(time.time() + 10**6)  # running jobs never expire
+    job.finish()
+    assert not job.expired(job.finished_at + 119) and job.expired(job.finished_at + 121)
+    plain = jobs.new_job(parse_tasks(task())[0], {}, "http://h:1")
+    plain.finish()
+    assert not plain.expired(plain.finished_at + jobs.DEFAULT_RETENTION_S - 1)
+    assert plain.expired(plain.finished_at + jobs.DEFAULT_RETENTION_S + 1)
+    assert job.fail("x", "y") is False  # an ended job keeps its outcome
