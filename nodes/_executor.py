@@ -57,6 +57,21 @@ CORE_NODES: dict[str, dict[str, Any]] = {
     },
     "VAELoader": {"inputs": {"vae_name": []}, "outputs": ["VAE"]},
     "VAEDecode": {"inputs": {"samples": "LATENT", "vae": "VAE"}, "outputs": ["IMAGE"]},
+    "RandomNoise": {"inputs": {"noise_seed": "INT"}, "outputs": ["NOISE"], "controls": ["noise_seed"]},
+    "CFGGuider": {
+        "inputs": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "cfg": "FLOAT"},
+        "outputs": ["GUIDER"],
+    },
+    "SamplerCustomAdvanced": {
+        "inputs": {
+            "noise": "NOISE",
+            "guider": "GUIDER",
+            "sampler": "SAMPLER",
+            "sigmas": "SIGMAS",
+            "latent_image": "LATENT",
+        },
+        "outputs": ["LATENT", "LATENT"],
+    },
 }
 
 

@@ -374,6 +374,69 @@ def native_cache_lora_graph() -> dict:
     }
 
 
+def native_custom_sampler_graph() -> dict:
+    """ComfyUI's own HiDream graph sampled by SamplerCustomAdvanced with one of the 75 Runware
+    scheduler names (our SAMPLER + SIGMAS), TeaCache stacked on DBCache on its MODEL."""
+    graph = native_cache_lora_graph()  # also registers the core nodes both graphs share
+    core = {
+        "RandomNoise": ({"required": {"noise_seed": ("INT", {"control_after_generate": True})}}, ["NOISE"]),
+        "CFGGuider": (
+            {
+                "required": {
+                    "model": ("MODEL", {}),
+                    "positive": ("CONDITIONING", {}),
+                    "negative": ("CONDITIONING", {}),
+                    "cfg": ("FLOAT", {}),
+                }
+            },
+            ["GUIDER"],
+        ),
+        "SamplerCustomAdvanced": (
+            {
+                "required": {
+                    "noise": ("NOISE", {}),
+                    "guider": ("GUIDER", {}),
+                    "sampler": ("SAMPLER", {}),
+                    "sigmas": ("SIGMAS", {}),
+                    "latent_image": ("LATENT", {}),
+                }
+            },
+            ["LATENT", "LATENT"],
+        ),
+    }
+    for name, (inputs, outputs) in core.items():
+        CORE_INPUTS.setdefault(name, inputs)
+        CORE_OUTPUTS.setdefault(name, outputs)
+    for key in ("5", "6", "9"):
+        del graph[key]
+    graph["5"] = {"class_type": DB_CACHE[0], "inputs": {"model": ["1", 0], **DB_CACHE[1]}}
+    graph["6"] = {"class_type": "HiDreamI1NativeTeaCache", "inputs": {"model": ["5", 0], "variant": "full"}}
+    graph["6"]["inputs"].update(TEA_CACHE[1])
+    graph["5"]["class_type"] = "HiDreamI1NativeDBCache"
+    graph["9"] = {
+        "class_type": "HiDreamI1NativeScheduler",
+        "inputs": {"scheduler": "DPM++ 2M Karras", "steps": 30, "shift": 0.0, "variant": "full"},
+    }
+    graph["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}}
+    graph["14"] = {
+        "class_type": "CFGGuider",
+        "inputs": {"model": ["7", 0], "positive": ["3", 0], "negative": ["4", 0], "cfg": 5.0},
+    }
+    graph["15"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {
+            "noise": ["13", 0],
+            "guider": ["14", 0],
+            "sampler": ["9", 0],
+            "sigmas": ["9", 1],
+            "latent_image": ["8", 0],
+        },
+    }
+    graph["11"]["inputs"]["samples"] = ["15", 0]
+    graph["12"]["inputs"]["filename_prefix"] = "hidream_i1_native_custom"
+    return dict(sorted(graph.items(), key=lambda item: int(item[0])))
+
+
 def _node_types(class_type: str) -> tuple[dict, list[str], list[str]]:
     """(INPUT_TYPES, RETURN_TYPES, RETURN_NAMES) of a pack or core node."""
     pack = load_pack()
@@ -496,6 +559,7 @@ def all_workflows() -> dict[str, dict]:
         "hidream_i1_full_safety_check": safety_graph(),
         "hidream_i1_diffusers_folder": diffusers_graph(),
         "hidream_i1_full_native_cache_lora": native_cache_lora_graph(),
+        "hidream_i1_full_native_custom_sampler": native_custom_sampler_graph(),
     }
     for task_file in sorted((WORKFLOWS / "tasks").glob("*.json")):
         task = json.loads(task_file.read_text())

@@ -14,7 +14,7 @@ API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 # any file, so the tiny weights cannot run there. The suite checks this graph against the server
 # (types, widgets, links, API twin); tests/test_native_*.py run ComfyUI's own sampling on its
 # HiDream class at the tiny config with the same nodes.
-NATIVE_ONLY = {"hidream_i1_full_native_cache_lora"}
+NATIVE_ONLY = {"hidream_i1_full_native_cache_lora", "hidream_i1_full_native_custom_sampler"}
 RUNNABLE_API_FILES = [p for p in API_FILES if p.stem not in NATIVE_ONLY]
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 MAX_SIDE = 256
