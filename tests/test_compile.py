@@ -40,7 +40,10 @@ def pristine() -> HiDreamImageTransformer2DModel:
 @pytest.fixture
 def eager_backend(monkeypatch):
     """dynamo with the eager backend, from a clean slate (caches, counters, warnings)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps dynamo's counters
     monkeypatch.setattr(compile_mod, "BACKEND", "eager")
     monkeypatch.setattr(compile_mod, "_COMPILED", {})
     monkeypatch.setattr(compile_mod, "_WARNED", set())
@@ -156,7 +159,7 @@ def test_lora_stage_switches_compile_once_per_lora_state(
 def test_unavailable_compile_runs_eagerly_with_one_warning(pristine, eager_backend, monkeypatch, caplog):
     monkeypatch.setattr(compile_mod, "unavailable_reason", lambda device: "no C++ compiler (test)")
     want = _forward(TransformerRunner(pristine))
-    before = compile_mod.graph_count()  # dynamo's counter is per process: earlier tests add to it
+    before = compile_mod.graph_count()
     with caplog.at_level(logging.WARNING, logger=compile_mod.__name__):
         runners = [TransformerRunner(pristine, compile="blocks") for _ in range(2)]
         outs = [_forward(r) for r in runners for _ in range(2)]
