@@ -20,10 +20,12 @@ Hook points for the caches (``hidream.cache``): ``prepare`` -> ``run_blocks(star
 one flat index of double-then-single blocks -> ``finish``. A cache policy receives the
 runner and the prepared context and decides which block ranges to run.
 
-Every block the runner calls runs its MoE layers in the static, sync-free layout
-(``hidream.moe``; ``moe=None`` keeps diffusers' own), and with ``compile="blocks"`` through one
-regionally compiled callable (``hidream.compile``). At a fixed size the whole forward makes no
-host sync (``hidream.syncs`` counts them; tested); a cache decision reads one scalar.
+With ``compile="blocks"`` every block runs through one regionally compiled callable per block
+class (``hidream.compile``) and its MoE layers in the static, sync-free layout
+(``hidream.moe``): at a fixed size the whole forward then makes no host sync (``hidream.syncs``
+counts them; tested) and a cache decision reads one scalar. Eager runs keep diffusers' own MoE
+by default: the static layout costs 1.75x the expert FLOPs (1.5-1.65x the MoE wall time on
+CPU), which only pays off where a sync-free graph is needed.
 """
 
 from __future__ import annotations
@@ -91,12 +93,13 @@ class TransformerRunner:
     Args:
         transformer: the shared diffusers transformer; never modified (the MoE swap is
             undone after each block call).
-        moe: ``dense`` (default) or ``gather``: the static MoE layout (``hidream.moe``); None
-            runs diffusers' own MoE (one host sync per MoE layer).
+        moe: ``auto`` (default: ``dense`` with ``compile="blocks"``, else diffusers' own MoE),
+            ``dense`` or ``gather`` (the static layouts of ``hidream.moe``), or None for
+            diffusers' own MoE (one host sync per MoE layer).
         compile: ``off`` or ``blocks`` (regional compile, ``hidream.compile``).
     """
 
-    def __init__(self, transformer: torch.nn.Module, moe: str | None = "dense", compile: str = "off") -> None:
+    def __init__(self, transformer: torch.nn.Module, moe: str | None = "auto", compile: str = "off") -> None:
         self.transformer = transformer
         self.config = transformer.config
         self.double_blocks = list(transformer.double_stream_blocks)
@@ -104,6 +107,8 @@ class TransformerRunner:
         self.num_double = len(self.double_blocks)
         self.num_blocks = self.num_double + len(self.single_blocks)
         self._blocks = self.double_blocks + self.single_blocks  # one flat index, as run_blocks takes
+        if moe == "auto":
+            moe = "dense" if compile == "blocks" else None
         self._moe = StaticMoE(self._blocks, moe) if moe is not None else None
         self._caller = BlockCaller(compile)
 

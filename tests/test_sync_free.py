@@ -139,14 +139,14 @@ def test_forward_equals_diffusers_moe_forward(transformer):
     x, t, t5, llama, pooled = _inputs()
     with torch.no_grad():
         want = TransformerRunner(transformer, moe=None).forward(x, t, t5, llama, pooled)
-        got = TransformerRunner(transformer).forward(x, t, t5, llama, pooled)
+        got = TransformerRunner(transformer, moe="dense").forward(x, t, t5, llama, pooled)
     assert (got - want).abs().max().item() <= 1e-5
     assert not any("forward" in m.__dict__ for m in transformer.modules())
 
 
 def test_forward_makes_no_host_sync(transformer):
     x, t, t5, llama, pooled = _inputs()
-    runner = TransformerRunner(transformer)
+    runner = TransformerRunner(transformer, moe="dense")
     with torch.no_grad(), SyncCounter() as ours:
         runner.forward(x, t, t5, llama, pooled)
     with torch.no_grad(), SyncCounter() as theirs:
@@ -172,7 +172,7 @@ def test_cache_decisions_read_one_scalar_each(transformer, name):
     configs, contexts = CACHES[name]
     steps = 8
     x, _, t5, llama, pooled = _inputs()
-    runner = TransformerRunner(transformer)
+    runner = TransformerRunner(transformer, moe="dense")
     session = cache_mod.open_cache_session(configs, "full", steps)
     counts, reads = [], []
     with torch.no_grad():
