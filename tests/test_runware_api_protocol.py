@@ -8,6 +8,7 @@ protocol branch is checked in milliseconds and without models.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -79,6 +80,13 @@ def task(**over) -> dict:
     return out
 
 
+def run_async(coro):
+    """``asyncio.run`` on a thread of its own: the browser suite, earlier in the same session,
+    keeps Playwright's event loop running on the main thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def talk(session: service.Session, items) -> tuple[list[dict], list]:
     """Send one frame; return the messages emitted at once and the pending sync work."""
     sent: list[dict] = []
@@ -89,7 +97,7 @@ def talk(session: service.Session, items) -> tuple[list[dict], list]:
     async def run():
         return await session.handle(json.dumps(items), emit)
 
-    pending = asyncio.run(run())
+    pending = run_async(run())
     return sent, pending
 
 
@@ -316,7 +324,7 @@ def test_sync_streams_each_result_as_it_is_added(user_dir):
         await asyncio.wait_for(asyncio.gather(*first, *replay), 10)
         return job
 
-    job = asyncio.run(run())
+    job = run_async(run())
     assert len(queue.submitted) == 1
     assert [len(f["data"]) for f in frames] == [1, 1, 1, 1]  # one frame per image per waiter
     assert sorted(f["data"][0]["imageUUID"] for f in frames) == sorted(job.image_uuids * 2)
@@ -333,7 +341,7 @@ def test_sync_waiter_sees_a_job_removed_from_the_queue(user_dir):
     _, pending = talk(session, [t])
     queue.state = "gone"
     frames: list[dict] = []
-    asyncio.run(session._stream(queue.submitted[0], lambda m: _append(frames, m)))
+    run_async(session._stream(queue.submitted[0], lambda m: _append(frames, m)))
     assert frames == [
         {
             "errors": [
