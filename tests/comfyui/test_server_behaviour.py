@@ -45,7 +45,7 @@ def test_one_progress_event_per_sampler_step(comfy: Client):
     steps = [d["value"] for kind, d in events if kind == "progress" and d.get("node") == "6"]
     assert steps == [1, 2, 3, 4], events
     assert all(d["max"] == 4 for kind, d in events if kind == "progress" and d.get("node") == "6")
-    assert comfy.history(answer["prompt_id"])["status"]["status_str"] == "success"
+    assert comfy.wait(answer["prompt_id"])["status"]["status_str"] == "success"
 
 
 def test_interrupt_stops_within_one_step_and_the_next_prompt_runs(comfy: Client):
