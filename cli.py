@@ -18,7 +18,7 @@ DEMO_WORKFLOW = ROOT / "workflows" / "api" / "hidream_i1_full_t2i.json"
 
 
 def _tiny_models(args: argparse.Namespace) -> int:
-    from .hidream.tiny import write_tiny_models
+    from .hidream.model.tiny import write_tiny_models
 
     start = time.perf_counter()
     written = write_tiny_models(Path(args.dir), variant=args.variant)
@@ -55,8 +55,8 @@ def apply_overrides(graph: dict, overrides: dict[str, dict[str, object]]) -> dic
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .hidream import paths
-    from .hidream.tiny import ensure_tiny_models
+    from .hidream.model import paths
+    from .hidream.model.tiny import ensure_tiny_models
     from .nodes._executor import load_workflow, run_api_workflow
 
     out = Path(args.output_dir)
@@ -74,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .hidream.task_runner import run_task_file
+    from .hidream.runware.run import run_task_file
 
     return run_task_file(args)
 

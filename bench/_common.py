@@ -89,7 +89,7 @@ def model_handle(transformer, variant: str = "full"):
     import torch
 
     load_pack()
-    from hidream_pack.hidream.handle import HiDreamModel  # type: ignore[import-not-found]
+    from hidream_pack.hidream.model.handle import HiDreamModel  # type: ignore[import-not-found]
 
     return HiDreamModel(
         transformer=transformer, variant=variant, dtype=torch.float32, device=torch.device("cpu")

@@ -3,7 +3,7 @@
 - api: one client POSTs each task (``deliveryMethod: sync``, ``outputType: base64Data``) to a
   real ComfyUI with the pack (started here on a free port, or ``--url``/``--base`` of a
   running one); the task goes through ComfyUI's prompt queue and the API job node.
-- in-process: ``hidream.task_runner.run_task`` on the same task, same model files, same
+- in-process: ``hidream.runware.run.run_task`` on the same task, same model files, same
   options (fp32, weights on the device, one thread), in this process, under
   ``torch.inference_mode()`` as ComfyUI runs every node (``--no-inference-mode``: only the
   engine's own ``no_grad``, as ``python . run``; that side is then ~10% slower on these tiny
@@ -121,8 +121,8 @@ def run_in_process(models, body: dict, out_dir: Path, inference_mode: bool) -> t
     import contextlib
 
     import torch
-    from hidream_pack.hidream.task import parse_tasks
-    from hidream_pack.hidream.task_runner import run_task
+    from hidream_pack.hidream.runware.run import run_task
+    from hidream_pack.hidream.runware.task import parse_tasks
 
     start = time.perf_counter()
     with torch.inference_mode() if inference_mode else contextlib.nullcontext():
@@ -152,8 +152,8 @@ def main() -> int:
         args.tasks, args.steps = 4, 8
     setup_threads(1)
     load_pack()
-    from hidream_pack.hidream import paths
-    from hidream_pack.hidream.tiny import ensure_tiny_models
+    from hidream_pack.hidream.model import paths
+    from hidream_pack.hidream.model.tiny import ensure_tiny_models
     from hidream_pack.runware_api import config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_api_"))

@@ -44,7 +44,7 @@ CD = dict(fn=1, bn=0, threshold=0.45, warmup=2, max_continuous=3)
 
 
 def make_config(method: str, threshold: float):
-    from hidream_pack.hidream.cache_config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+    from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
 
     if method == "FB":
         return FirstBlockCacheConfig(threshold=threshold)
@@ -55,7 +55,7 @@ def make_config(method: str, threshold: float):
 
 def cachedit_equivalent():
     """Our DBCache options meaning exactly cache-dit's: warm-up W = window start W."""
-    from hidream_pack.hidream.cache_config import MAX_REFRESH_INTERVAL, CacheWindow, DBCacheConfig
+    from hidream_pack.hidream.cache.config import MAX_REFRESH_INTERVAL, CacheWindow, DBCacheConfig
 
     window = CacheWindow(start_step=CD["warmup"], max_consecutive=CD["max_continuous"])
     return DBCacheConfig(
@@ -71,7 +71,7 @@ class Runner:
     """Samples with our engine and keeps the cache session of the last run."""
 
     def __init__(self, base, cond) -> None:
-        from hidream_pack.hidream import cache
+        from hidream_pack.hidream.cache import policy as cache
 
         self.base, self.cond, self.session = base, cond, None
         original = cache.open_cache_session
@@ -83,13 +83,13 @@ class Runner:
         cache.open_cache_session = capture
 
     def __call__(self, config, width: int, height: int):
-        from hidream_pack.hidream.sampling import (
+        from hidream_pack.hidream.sampling.loop import (
             FLUX_VAE_SCALING,
             FLUX_VAE_SHIFT,
             SampleSettings,
             sample_latents,
         )
-        from hidream_pack.hidream.schedulers import SchedulerSpec
+        from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
         self.session = None
         model = self.base if config is None else self.base.with_cache(config)

@@ -78,9 +78,12 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads(1)
     load_pack()
-    from hidream_pack.hidream import devices, lora, lora_apply, lora_spec  # type: ignore[import-not-found]
-    from hidream_pack.hidream.sampling import SampleSettings, sample_latents  # type: ignore[import-not-found]
-    from hidream_pack.hidream.schedulers import SchedulerSpec  # type: ignore[import-not-found]
+    from hidream_pack.hidream import lora_spec  # type: ignore[import-not-found]
+    from hidream_pack.hidream.lora import apply as lora_apply
+    from hidream_pack.hidream.lora import session as lora
+    from hidream_pack.hidream.model import devices
+    from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents  # type: ignore[import-not-found]
+    from hidream_pack.hidream.sampling.schedulers import SchedulerSpec  # type: ignore[import-not-found]
 
     transformer = bench_transformer()
     plain = copy.deepcopy(transformer)  # the hand-merged model: never sees a LoRA layer

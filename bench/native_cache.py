@@ -104,7 +104,7 @@ def conds():
 class Bench:
     def __init__(self, comfy, patcher, steps: int) -> None:
         import torch
-        from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
+        from hidream_pack.hidream.sampling.schedulers import SchedulerSpec, make_sampler
 
         self.comfy, self.patcher = comfy, patcher
         self.sigmas = make_sampler(SchedulerSpec("FlowMatchEulerDiscreteScheduler"), "full", steps).sigmas
@@ -134,7 +134,7 @@ class Bench:
 
 
 def our_model(patcher, method: str, threshold: float):
-    from hidream_pack.hidream.cache_config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+    from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
     from hidream_pack.hidream.native.cache import attach_cache
 
     never = 1000  # no forced refresh (the other methods have none)

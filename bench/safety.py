@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     load_pack()
-    from hidream_pack.hidream import safety
+    from hidream_pack.hidream.runware import safety
 
     size = args.size
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from _common import bench_transformer, load_pack, min_time, model_handle, random
 def diffusers_pipeline(transformer, width: int, height: int):
     """A HiDreamImagePipeline holding only the transformer and the Full default scheduler."""
     from diffusers import HiDreamImagePipeline, UniPCMultistepScheduler
-    from hidream_pack.hidream.schedulers import HIDREAM_FULL_SCHEDULER_CONFIG
+    from hidream_pack.hidream.sampling.schedulers import HIDREAM_FULL_SCHEDULER_CONFIG
 
     pipe = HiDreamImagePipeline(
         scheduler=UniPCMultistepScheduler.from_config(HIDREAM_FULL_SCHEDULER_CONFIG),
@@ -73,13 +73,13 @@ def run_diffusers(pipe, cond, width: int, height: int, steps: int, seed: int):
 
 
 def run_ours(model, cond, width: int, height: int, steps: int, seed: int):
-    from hidream_pack.hidream.sampling import (
+    from hidream_pack.hidream.sampling.loop import (
         FLUX_VAE_SCALING,
         FLUX_VAE_SHIFT,
         SampleSettings,
         sample_latents,
     )
-    from hidream_pack.hidream.schedulers import SchedulerSpec
+    from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
     settings = SampleSettings(width=width, height=height, steps=steps, cfg=5.0, seed=seed)
     raw = sample_latents(model, cond, SchedulerSpec("Default"), settings).latents

@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads(1)
     load_pack()
-    from hidream_pack.hidream import schedulers as S
+    from hidream_pack.hidream.sampling import schedulers as S
 
     ok, worst = 0, 0.0
     for name in S.SCHEDULER_NAMES:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ..hidream.cache_config import (
+from ..hidream.cache.config import (
     MAX_CONSECUTIVE_RANGE,
     MAX_REFRESH_INTERVAL,
     CacheWindow,

@@ -6,11 +6,11 @@ here: the file is read into the shared transformer, once, by the sampler's LoRA 
 
 from __future__ import annotations
 
-from ..hidream import lora_spec
+from ..hidream.lora import spec as lora_spec
 
 
 def _lora_names() -> list[str]:
-    from ..hidream import paths
+    from ..hidream.model import paths
 
     return paths.list_models("loras")
 

@@ -9,8 +9,8 @@ node runs before sampling, so it cannot return it as a STRING).
 
 from __future__ import annotations
 
-from ..hidream import lora_spec
-from ..hidream.schedulers import VARIANTS
+from ..hidream.lora import spec as lora_spec
+from ..hidream.sampling.schedulers import VARIANTS
 from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 from .lora import HiDreamI1LoraLoader
 from .scheduler import HiDreamI1Scheduler
@@ -176,7 +176,7 @@ class HiDreamI1NativeScheduler:
 
     def build(self, scheduler: str, steps: int, shift: float, variant: str) -> tuple:
         from ..hidream.native.schedulers import make_comfy_sampler
-        from ..hidream.schedulers import validate_shift
+        from ..hidream.sampling.schedulers import validate_shift
 
         if variant not in VARIANTS:
             raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")

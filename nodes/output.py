@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from ..hidream import output, task
+from ..hidream.runware import output, task
 
 
 def _resolve(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hidream import safety
+from ..hidream.runware import safety
 
 
 class HiDreamI1SafetyCheck:

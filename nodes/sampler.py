@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..hidream import sampling
-from ..hidream.vae import decode
+from ..hidream.model.vae import decode
+from ..hidream.sampling import loop as sampling
 
 
 class HiDreamI1Sampler:

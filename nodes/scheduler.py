@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hidream.schedulers import SCHEDULER_NAMES, SHIFT_RANGE, SchedulerSpec, validate_shift
+from ..hidream.sampling.schedulers import SCHEDULER_NAMES, SHIFT_RANGE, SchedulerSpec, validate_shift
 
 
 class HiDreamI1Scheduler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..hidream import output, task
+from ..hidream.runware import output, task
 
 _EXAMPLE = Path(__file__).resolve().parent.parent / "workflows" / "tasks" / "cathedral.json"
 
@@ -20,7 +20,7 @@ def _example_task() -> str:
 def _scheduler_type() -> object:
     """The scheduler output as a combo of the 75 names, so it plugs into a scheduler combo input."""
     try:
-        from ..hidream.schedulers import SCHEDULER_NAMES
+        from ..hidream.sampling.schedulers import SCHEDULER_NAMES
     except ImportError:
         return "STRING"
     return list(SCHEDULER_NAMES)

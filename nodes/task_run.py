@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from ..hidream import task as task_schema
-from ..hidream.task_runner import TaskModels, run_task
+from ..hidream.runware import task as task_schema
+from ..hidream.runware.run import TaskModels, run_task
 from .task import _example_task
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hidream.text import MAX_SEQUENCE_LENGTH_RANGE, encode_prompts
+from ..hidream.model.text import MAX_SEQUENCE_LENGTH_RANGE, encode_prompts
 
 
 class HiDreamI1TextEncode:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..hidream.task import MODEL_AIR
+from ..hidream.runware.task import MODEL_AIR
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def settings() -> ApiSettings:
 
 def lora_resolver(loras: dict[str, str]):
     """Maps a task's LoRA ``model`` (an AIR id) to its file in ``models/loras`` via ``models.json``."""
-    from ..hidream import paths
+    from ..hidream.model import paths
 
     def resolve(name: str) -> Path:
         if name not in loras:
@@ -210,8 +210,8 @@ def lora_resolver(loras: dict[str, str]):
 
 def resolve_files(entry: ModelEntry) -> dict[str, Path]:
     """Every file of the entry, picked like ``python . run`` where the entry leaves it out."""
-    from ..hidream import paths
-    from ..hidream.task_runner import _pick
+    from ..hidream.model import paths
+    from ..hidream.runware.run import _pick
 
     kinds = {
         "model": ("diffusion_models", ("hidream", "full")),
@@ -238,8 +238,8 @@ class _ModelHolder:
         self._lock = threading.Lock()
 
     def get(self, entry: ModelEntry) -> Any:
-        from ..hidream import loading
-        from ..hidream.task_runner import TaskModels
+        from ..hidream.model import loading
+        from ..hidream.runware.run import TaskModels
 
         files = resolve_files(entry)
         key = (entry, tuple((str(p), p.stat().st_mtime_ns) for p in files.values()))

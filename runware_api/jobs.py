@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..hidream.task import Task
+from ..hidream.runware.task import Task
 from . import wire
 
 log = logging.getLogger(__name__)
@@ -200,9 +200,9 @@ def run_job(job_id: str) -> tuple[dict, list[dict]]:
 
 
 def _generate_all(job: Job) -> None:
-    from ..hidream import delivery
-    from ..hidream.output import keep_undelivered
-    from ..hidream.task_runner import generate, prepare
+    from ..hidream.runware import delivery
+    from ..hidream.runware.output import keep_undelivered
+    from ..hidream.runware.run import generate, prepare
     from . import config
 
     settings = config.settings()
@@ -233,9 +233,9 @@ def _generate_all(job: Job) -> None:
 
 def _publish(job: Job, one: Task, index: int, images: Any, seconds: float, price_per_hour: float):
     """Safety check, save (with the announced imageUUID) and describe one image."""
-    from ..hidream import delivery
-    from ..hidream.output import ImageMetadata, PublishOptions, publish
-    from ..hidream.task_runner import _check_safety
+    from ..hidream.runware import delivery
+    from ..hidream.runware.output import ImageMetadata, PublishOptions, publish
+    from ..hidream.runware.run import _check_safety
 
     images, _, extra = _check_safety(one, images, "blur")
     options = PublishOptions.from_task(

@@ -84,7 +84,7 @@ class ComfyQueue:
 
 def _base_url(request: web.Request) -> str:
     """Where URL images are fetched from: $HIDREAM_VIEW_BASE_URL (behind a proxy), else the host asked."""
-    from ..hidream.output import BASE_URL_ENV
+    from ..hidream.runware.output import BASE_URL_ENV
 
     return os.environ.get(BASE_URL_ENV) or f"{request.scheme}://{request.host}"
 
@@ -162,7 +162,7 @@ async def _websocket(request: web.Request, queue: ComfyQueue) -> web.WebSocketRe
 
 async def _image(request: web.Request) -> web.StreamResponse:
     """An ``outputType: URL`` image, refused once its ttl has passed (and then deleted)."""
-    from ..hidream.output import PACK_SUBFOLDER, TTL_SUFFIX, cleanup_expired, output_root
+    from ..hidream.runware.output import PACK_SUBFOLDER, TTL_SUFFIX, cleanup_expired, output_root
 
     name = request.match_info["filename"]
     folder = output_root() / PACK_SUBFOLDER

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..hidream.task import TASK_TYPE, Task, TaskValidationError, parse_tasks
+from ..hidream.runware.task import TASK_TYPE, Task, TaskValidationError, parse_tasks
 from . import config, jobs, wire
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _schema_input(raw: dict) -> tuple[dict, bool]:
 
 
 def _check_loras(task: Task, loras: dict[str, str]) -> list[dict]:
-    from ..hidream.lora_spec import lora_spec_from_task
+    from ..hidream.lora.spec import lora_spec_from_task
 
     resolver = config.lora_resolver(loras)
     errors = []
@@ -92,7 +92,7 @@ def validate_task(raw: dict) -> Task:
     errors = _check_loras(task, settings.loras)
     configs = task.accelerator_options.cache_configs()
     if configs:
-        from ..hidream.cache import open_cache_session
+        from ..hidream.cache.policy import open_cache_session
 
         try:
             open_cache_session(configs, variant="full", steps=task.steps)
@@ -110,7 +110,7 @@ def _cleanup_files() -> None:
     if now - _last_cleanup < _CLEANUP_EVERY_S:
         return
     _last_cleanup = now
-    from ..hidream.output import PACK_SUBFOLDER, cleanup_expired, output_root
+    from ..hidream.runware.output import PACK_SUBFOLDER, cleanup_expired, output_root
 
     try:
         cleanup_expired(output_root() / PACK_SUBFOLDER)

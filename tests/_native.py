@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream.tiny import TINY_TRANSFORMER_CONFIG
+from hidream_pack.hidream.model.tiny import TINY_TRANSFORMER_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = (
@@ -89,7 +89,7 @@ def native_model(transformer: torch.nn.Module, dtype: torch.dtype = torch.float3
 def conditioning(layers: int, seed: int = 1, tokens: int = 8, dim: int = 32):
     """(positive, negative) in ComfyUI's CONDITIONING format (what CLIPTextEncodeHiDream gives),
     and the same tensors as the pack's HIDREAM_COND."""
-    from hidream_pack.hidream import text
+    from hidream_pack.hidream.model import text
 
     g = torch.Generator().manual_seed(seed)
     t5 = torch.randn(2, tokens, dim, generator=g)

@@ -37,4 +37,3 @@ _load_pack()
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-

@@ -15,17 +15,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
-from hidream_pack.hidream import cache as cache_mod
-from hidream_pack.hidream import tiny
-from hidream_pack.hidream.cache_config import (
+from hidream_pack.hidream.cache import policy as cache_mod
+from hidream_pack.hidream.cache.config import (
     CacheWindow,
     DBCacheConfig,
     FirstBlockCacheConfig,
     TeaCacheConfig,
     check_combination,
 )
-from hidream_pack.hidream.handle import HiDreamModel
-from hidream_pack.hidream.runner import TransformerRunner
+from hidream_pack.hidream.model import tiny
+from hidream_pack.hidream.model.handle import HiDreamModel
+from hidream_pack.hidream.sampling.runner import TransformerRunner
 from hidream_pack.nodes.cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 
 TINY = tiny.TINY_TRANSFORMER_CONFIG
@@ -256,8 +256,9 @@ def test_two_runs_in_a_row_do_not_share_state(runner):
 
 
 def test_two_branches_of_one_graph_sample_like_their_own_fresh_runs(runner):
-    from hidream_pack.hidream import sampling, text
-    from hidream_pack.hidream.schedulers import SchedulerSpec
+    from hidream_pack.hidream.model import text
+    from hidream_pack.hidream.sampling import loop as sampling
+    from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
     t5, llama, pooled = _embeds(4)
     cond = text.Conditioning(

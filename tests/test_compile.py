@@ -13,15 +13,17 @@ import logging
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
-from hidream_pack.hidream import cache as cache_mod
-from hidream_pack.hidream import compile as compile_mod
-from hidream_pack.hidream import lora, lora_spec, tiny
-from hidream_pack.hidream.cache_config import DBCacheConfig, FirstBlockCacheConfig
-from hidream_pack.hidream.handle import HiDreamModel
-from hidream_pack.hidream.runner import TransformerRunner
-from hidream_pack.hidream.sampling import SampleSettings, sample_latents
-from hidream_pack.hidream.schedulers import SchedulerSpec
-from hidream_pack.hidream.text import Conditioning, PromptEmbeds
+from hidream_pack.hidream.cache import policy as cache_mod
+from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig
+from hidream_pack.hidream.lora import session as lora
+from hidream_pack.hidream.lora import spec as lora_spec
+from hidream_pack.hidream.model import tiny
+from hidream_pack.hidream.model.handle import HiDreamModel
+from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
+from hidream_pack.hidream.sampling import compile as compile_mod
+from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
+from hidream_pack.hidream.sampling.runner import TransformerRunner
+from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 from hidream_pack.nodes.loaders import HiDreamI1DiffusersLoader, HiDreamI1ModelLoader
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
@@ -185,7 +187,9 @@ def test_failing_compile_runs_eagerly_with_one_warning(pristine, eager_backend, 
     warnings = [r.getMessage() for r in caplog.records if r.name == compile_mod.__name__]
     assert len(warnings) == 1
     assert warnings[0].endswith("failed: backend exploded")
-    assert torch.equal(got[0], _forward(TransformerRunner(pristine, moe="dense"))) and torch.equal(got[0], got[1])
+    assert torch.equal(got[0], _forward(TransformerRunner(pristine, moe="dense"))) and torch.equal(
+        got[0], got[1]
+    )
     assert not runner.compiled
 
 
@@ -231,7 +235,7 @@ def test_sampling_with_compile_equals_eager_and_logs_its_graphs(pristine, eager_
     )
     settings = SampleSettings(width=128, height=128, steps=3, cfg=4.0, seed=5)
     want = sample_latents(eager, _cond(), SchedulerSpec("FlowMatchEulerDiscreteScheduler"), settings)
-    with caplog.at_level(logging.INFO, logger="hidream_pack.hidream.sampling"):
+    with caplog.at_level(logging.INFO, logger="hidream_pack.hidream.sampling.loop"):
         got = sample_latents(compiled, _cond(), SchedulerSpec("FlowMatchEulerDiscreteScheduler"), settings)
     assert torch.equal(got.latents, want.latents)
     assert "compile=blocks: 2 graph(s) compiled during this call" in caplog.text

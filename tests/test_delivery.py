@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hidream_pack.hidream import delivery, output
+from hidream_pack.hidream.runware import delivery, output
 from hidream_pack.nodes.output import HiDreamI1SaveImage
 
 FAST = {"base_delay": 0.01, "timeout": 2.0}

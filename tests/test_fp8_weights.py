@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hidream_pack.hidream import fp8, loading, tiny
-from hidream_pack.hidream.runner import TransformerRunner
-from hidream_pack.hidream.sampling import SampleSettings, sample_latents
-from hidream_pack.hidream.schedulers import SchedulerSpec
-from hidream_pack.hidream.text import Conditioning, PromptEmbeds
+from hidream_pack.hidream.model import fp8, loading, tiny
+from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
+from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
+from hidream_pack.hidream.sampling.runner import TransformerRunner
+from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
     import copy
 
     from diffusers import HiDreamImageTransformer2DModel
-    from hidream_pack.hidream import lora, lora_spec
+    from hidream_pack.hidream.lora import session as lora
+    from hidream_pack.hidream.lora import spec as lora_spec
     from test_lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
 
     torch.manual_seed(0)

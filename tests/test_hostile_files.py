@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream import checkpoint, loading, lora_formats, tiny
+from hidream_pack.hidream.lora import formats as lora_formats
+from hidream_pack.hidream.model import checkpoint, loading, tiny
 from safetensors.torch import load_file, save_file
 
 BLOCK_WEIGHT = "double_stream_blocks.0.block.ff_i.shared_experts.w1.weight"

@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import torch
 from hidream_pack import cli
-from hidream_pack.hidream import delivery, loading, output, safety, task_runner, tiny
-from hidream_pack.hidream.task import TaskValidationError, parse_tasks, read_task_file
+from hidream_pack.hidream.model import loading, tiny
+from hidream_pack.hidream.runware import delivery, output, safety
+from hidream_pack.hidream.runware import run as task_runner
+from hidream_pack.hidream.runware.task import TaskValidationError, parse_tasks, read_task_file
 from safetensors.torch import save_file
 
 SLACK_TOKEN = "XyZ123SECRETtokenABCdef9"
@@ -410,7 +412,7 @@ def _lora_file(transformer, path: Path) -> Path:
 
 
 def _cond():
-    from hidream_pack.hidream.text import Conditioning, PromptEmbeds
+    from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
 
     g = torch.Generator().manual_seed(9)
 
@@ -425,9 +427,9 @@ def _cond():
 
 
 def test_two_sampling_calls_at_once_do_not_leak_a_lora(models, tmp_path):
-    from hidream_pack.hidream.lora_spec import LoraSpec
-    from hidream_pack.hidream.sampling import SampleSettings, sample_latents
-    from hidream_pack.hidream.schedulers import SchedulerSpec
+    from hidream_pack.hidream.lora.spec import LoraSpec
+    from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
+    from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
     plain = models.model
     spec = LoraSpec(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream import fp8, loading, paths, tiny
+from hidream_pack.hidream.model import fp8, loading, paths, tiny
 from hidream_pack.nodes import loaders as loader_nodes
 from safetensors.torch import load_file, save_file
 
@@ -96,7 +96,9 @@ def test_prefix_and_scaled_fp8_forms(tiny_paths, folder, tmp_path):
 
     # From the file: the loaded folder model is shared, and a LoRA test may have left idle PEFT
     # wrappers in its module tree (their state_dict keys say base_layer).
-    ref_state = load_file(str(tiny_paths["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    ref_state = load_file(
+        str(tiny_paths["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    )
     linears = {k for k, v in ref_state.items() if v.ndim == 2 and not k.endswith("gate.weight")}
     scaled = fp8.quantize_scaled(ref_state, linears)
     save_file(scaled, str(tmp_path / "hidream_i1_fast_scaled.safetensors"))

@@ -17,9 +17,12 @@ import shutil
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel, UniPCMultistepScheduler
-from hidream_pack.hidream import lora, lora_formats, lora_spec, paths, tiny
-from hidream_pack.hidream.handle import HiDreamModel
-from hidream_pack.hidream.progress import Interrupted
+from hidream_pack.hidream.lora import formats as lora_formats
+from hidream_pack.hidream.lora import session as lora
+from hidream_pack.hidream.lora import spec as lora_spec
+from hidream_pack.hidream.model import paths, tiny
+from hidream_pack.hidream.model.handle import HiDreamModel
+from hidream_pack.hidream.sampling.progress import Interrupted
 from hidream_pack.nodes.lora import HiDreamI1LoraLoader
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -497,7 +500,7 @@ def test_runware_task_entry(models_dir):
 
 
 def _cond():
-    from hidream_pack.hidream.text import Conditioning, PromptEmbeds
+    from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
 
     g = torch.Generator().manual_seed(9)
 
@@ -512,8 +515,8 @@ def _cond():
 
 
 def _sample(transformer, loras=(), callback=None) -> torch.Tensor:
-    from hidream_pack.hidream.sampling import SampleSettings, sample_latents
-    from hidream_pack.hidream.schedulers import SchedulerSpec
+    from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
+    from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
     handle = HiDreamModel(
         transformer=transformer, variant="full", dtype=torch.float32, device=torch.device("cpu")
@@ -526,7 +529,7 @@ def _sample(transformer, loras=(), callback=None) -> torch.Tensor:
 
 def test_sampler_applies_stages_and_restores(pristine, base, files):
     """high + low through sample_latents equals switching two hand-merged copies at the boundary."""
-    from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
+    from hidream_pack.hidream.sampling.schedulers import SchedulerSpec, make_sampler
 
     sigmas = [float(x) for x in make_sampler(SchedulerSpec("Euler", 3.0), "full", 6).sigmas[:6]]
     n_high = len(lora_spec.stage_steps(sigmas, "high", 0.9))
@@ -609,7 +612,8 @@ def test_auto_merges_when_a_copy_fits(pristine, base, files):
 
 
 def test_auto_merges_per_call_without_room(pristine, base, files, monkeypatch, caplog):
-    from hidream_pack.hidream import devices, lora_apply
+    from hidream_pack.hidream.lora import apply as lora_apply
+    from hidream_pack.hidream.model import devices
 
     with lora.LoraSession(base, [spec(files["f1"])]) as s:
         layers = lora_apply.touched(s._slots.layers, [s._plan[0][0]])
@@ -684,7 +688,7 @@ def test_bad_merge_mode_names_the_input(files, value):
 def test_free_memory_reads_the_os(monkeypatch):
     import sys
 
-    from hidream_pack.hidream import devices
+    from hidream_pack.hidream.model import devices
 
     with_psutil = devices.free_memory("cpu")
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
@@ -697,7 +701,8 @@ def test_free_memory_reads_the_os(monkeypatch):
 def test_interrupted_enter_or_exit_loses_no_wrapper(pristine, base, files, monkeypatch):
     """Wrappers taken out of the tree are recorded per transformer, so a failure or an interrupt
     while they are out (enter, exit) is repaired by the next session."""
-    from hidream_pack.hidream import devices, lora_apply
+    from hidream_pack.hidream.lora import apply as lora_apply
+    from hidream_pack.hidream.model import devices
 
     want = run(merged(pristine, [(files["sd1"], 1.0)]))
 

@@ -15,7 +15,10 @@ import math
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
-from hidream_pack.hidream import lora, lora_formats, lora_spec, tiny
+from hidream_pack.hidream.lora import formats as lora_formats
+from hidream_pack.hidream.lora import session as lora
+from hidream_pack.hidream.lora import spec as lora_spec
+from hidream_pack.hidream.model import tiny
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file

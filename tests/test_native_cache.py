@@ -14,16 +14,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _native import comfy_imported, conditioning, native_model, sample
-from hidream_pack.hidream import sampling, tiny
-from hidream_pack.hidream.cache_config import (
+from hidream_pack.hidream.cache.config import (
     CacheWindow,
     DBCacheConfig,
     FirstBlockCacheConfig,
     TeaCacheConfig,
 )
-from hidream_pack.hidream.handle import HiDreamModel
+from hidream_pack.hidream.model import tiny
+from hidream_pack.hidream.model.handle import HiDreamModel
 from hidream_pack.hidream.native import cache as native_cache
-from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
+from hidream_pack.hidream.sampling import loop as sampling
+from hidream_pack.hidream.sampling.schedulers import SchedulerSpec, make_sampler
 from hidream_pack.nodes.native import (
     HiDreamI1NativeDBCache,
     HiDreamI1NativeFirstBlockCache,

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _native import comfy_imported, conditioning, native_model, sample
-from hidream_pack.hidream import tiny
-from hidream_pack.hidream.cache_config import CacheWindow, FirstBlockCacheConfig
-from hidream_pack.hidream.lora_formats import linear_module_shapes
+from hidream_pack.hidream.cache.config import CacheWindow, FirstBlockCacheConfig
+from hidream_pack.hidream.lora.formats import linear_module_shapes
+from hidream_pack.hidream.model import tiny
 from hidream_pack.hidream.native import cache as native_cache
 from hidream_pack.hidream.native.lora import apply_stage_lora
-from hidream_pack.hidream.schedulers import SchedulerSpec, make_sampler
+from hidream_pack.hidream.sampling.schedulers import SchedulerSpec, make_sampler
 from hidream_pack.nodes.native import HiDreamI1NativeStageLora
 from safetensors.torch import save_file
 

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _native import comfy_imported, conditioning, native_model
-from hidream_pack.hidream import sampling, tiny
-from hidream_pack.hidream.handle import HiDreamModel
+from hidream_pack.hidream.model import tiny
+from hidream_pack.hidream.model.handle import HiDreamModel
 from hidream_pack.hidream.native.schedulers import sampler_sigmas
-from hidream_pack.hidream.schedulers import SCHEDULER_NAMES, SchedulerSpec
+from hidream_pack.hidream.sampling import loop as sampling
+from hidream_pack.hidream.sampling.schedulers import SCHEDULER_NAMES, SchedulerSpec
 from hidream_pack.nodes.native import HiDreamI1NativeScheduler
 
 STEPS = 8

@@ -115,7 +115,7 @@ def test_readme_lists_every_node_and_docs_hold_the_current_scheduler_table():
     """The docs stay true: every node's title in the README, the scheduler table as the code builds it."""
     from pathlib import Path
 
-    from hidream_pack.hidream.schedulers import scheduler_table_markdown
+    from hidream_pack.hidream.sampling.schedulers import scheduler_table_markdown
 
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()

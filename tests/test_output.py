@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from hidream_pack.hidream import output
+from hidream_pack.hidream.runware import output
 from PIL import Image
 
 MAGIC = {"JPG": (b"\xff\xd8\xff", 0), "PNG": (b"\x89PNG\r\n\x1a\n", 0), "WEBP": (b"WEBP", 8)}

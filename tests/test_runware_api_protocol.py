@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 from hidream_pack import runware_api
-from hidream_pack.hidream import paths
+from hidream_pack.hidream.model import paths
 from hidream_pack.runware_api import config, jobs, service, wire
 
 KEY = "unit-key-123"
@@ -368,7 +368,7 @@ def test_get_response_unknown_task(user_dir):
 
 
 def test_finished_jobs_are_kept_for_their_ttl():
-    from hidream_pack.hidream.task import parse_tasks
+    from hidream_pack.hidream.runware.task import parse_tasks
 
     job = jobs.new_job(parse_tasks(task(ttl=120))[0], {}, "http://h:1")
     assert not job.expired(time.time() + 10**6)  # running jobs never expire

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hidream_pack.hidream import safety
-from hidream_pack.hidream.safety import SafetyResult
+from hidream_pack.hidream.runware import safety
+from hidream_pack.hidream.runware.safety import SafetyResult
 from hidream_pack.nodes.safety import HiDreamI1SafetyCheck
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -310,7 +310,7 @@ pack = types.ModuleType("hidream_pack")
 pack.__path__ = [sys.argv[1]]
 sys.modules["hidream_pack"] = pack
 import numpy as np
-from hidream_pack.hidream import safety
+from hidream_pack.hidream.runware import safety
 image = [np.zeros((8, 8, 3), np.uint8)]
 assert safety.detector_available() is False
 assert safety.check_images(image, "none") == [safety.NOT_CHECKED]

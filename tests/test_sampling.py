@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, UniPCMultistepScheduler
-from hidream_pack.hidream import loading, tiny
-from hidream_pack.hidream.handle import HiDreamModel
-from hidream_pack.hidream.progress import Interrupted
-from hidream_pack.hidream.sampling import (
+from hidream_pack.hidream.model import loading, tiny
+from hidream_pack.hidream.model.handle import HiDreamModel
+from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds, encode_prompts
+from hidream_pack.hidream.model.vae import decode
+from hidream_pack.hidream.sampling.loop import (
     FLUX_VAE_SCALING,
     FLUX_VAE_SHIFT,
     SampleSettings,
     sample_latents,
 )
-from hidream_pack.hidream.schedulers import HIDREAM_FULL_SCHEDULER_CONFIG, SchedulerSpec
-from hidream_pack.hidream.text import Conditioning, PromptEmbeds, encode_prompts
-from hidream_pack.hidream.vae import decode
+from hidream_pack.hidream.sampling.progress import Interrupted
+from hidream_pack.hidream.sampling.schedulers import HIDREAM_FULL_SCHEDULER_CONFIG, SchedulerSpec
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream import flow_samplers, schedulers, sigmas
-from hidream_pack.hidream.schedulers import (
+from hidream_pack.hidream.sampling import flow_samplers, schedulers, sigmas
+from hidream_pack.hidream.sampling.schedulers import (
     DEFAULT_SHIFT,
     HIDREAM_FULL_SCHEDULER_CONFIG,
     NAME_TABLE,
@@ -208,7 +208,7 @@ def test_named_schedules_reach_the_sampler():
 @pytest.fixture(scope="module")
 def tiny_model():
     from diffusers import HiDreamImageTransformer2DModel
-    from hidream_pack.hidream.tiny import TINY_TRANSFORMER_CONFIG
+    from hidream_pack.hidream.model.tiny import TINY_TRANSFORMER_CONFIG
 
     torch.manual_seed(0)
     transformer = HiDreamImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()

@@ -12,8 +12,8 @@ import types
 from pathlib import Path
 
 import pytest
-from hidream_pack.hidream import task as task_mod
-from hidream_pack.hidream.task import TaskValidationError, parse_tasks
+from hidream_pack.hidream.runware import task as task_mod
+from hidream_pack.hidream.runware.task import TaskValidationError, parse_tasks
 from hidream_pack.nodes.task import HiDreamI1RunwareTask
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -30,9 +30,9 @@ EXAMPLES = {
 @pytest.fixture(scope="module", autouse=True)
 def scheduler_names():
     """The real scheduler table when it exists; until then the spec's list (same 75 names)."""
-    name = "hidream_pack.hidream.schedulers"
+    name = "hidream_pack.hidream.sampling.schedulers"
     try:
-        from hidream_pack.hidream.schedulers import SCHEDULER_NAMES
+        from hidream_pack.hidream.sampling.schedulers import SCHEDULER_NAMES
 
         yield tuple(SCHEDULER_NAMES)
         return
@@ -339,7 +339,7 @@ def test_every_scheduler_name_accepted(scheduler_names):
 
 
 def test_accelerator_options_map_to_engine_configs():
-    from hidream_pack.hidream import cache_config as cc
+    from hidream_pack.hidream.cache import config as cc
 
     raw = base() | {
         ACC: {

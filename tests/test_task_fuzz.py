@@ -17,8 +17,9 @@ import time
 
 import pytest
 import torch
-from hidream_pack.hidream import paths, task_runner
-from hidream_pack.hidream.task import _TASK_KEYS, TaskValidationError, parse_tasks, read_task_file
+from hidream_pack.hidream.model import paths
+from hidream_pack.hidream.runware import run as task_runner
+from hidream_pack.hidream.runware.task import _TASK_KEYS, TaskValidationError, parse_tasks, read_task_file
 from safetensors.torch import save_file
 
 SEED = 20261201

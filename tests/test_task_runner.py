@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hidream_pack.hidream import loading, tiny
-from hidream_pack.hidream.task import parse_tasks
-from hidream_pack.hidream.task_runner import TaskModels, run_task
+from hidream_pack.hidream.model import loading, tiny
+from hidream_pack.hidream.runware.run import TaskModels, run_task
+from hidream_pack.hidream.runware.task import parse_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_TASKS = ["cathedral", "orchard", "glasswright_caravan", "monorail"]

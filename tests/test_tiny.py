@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream import checkpoint, configs, tiny, tokenizers
+from hidream_pack.hidream.model import checkpoint, configs, tiny, tokenizers
 from safetensors import safe_open
 
 PREFIX = "model.diffusion_model."

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from hidream_pack import cli
-from hidream_pack.hidream import paths, tiny
-from hidream_pack.hidream.handle import HiDreamModel, TextEncoders, VaeHandle
-from hidream_pack.hidream.schedulers import SchedulerSpec
-from hidream_pack.hidream.text import Conditioning
+from hidream_pack.hidream.model import paths, tiny
+from hidream_pack.hidream.model.handle import HiDreamModel, TextEncoders, VaeHandle
+from hidream_pack.hidream.model.text import Conditioning
+from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 from hidream_pack.nodes._executor import CORE_NODES, load_workflow, run_api_workflow
 from PIL import Image
 
@@ -228,7 +228,7 @@ def test_lora_stage_workflow_runs_and_each_lora_acts(tiny_paths, tiny_loras, tmp
 
     plain = image(None)
     assert plain.shape == (1, 128, 160, 3)
-    with caplog.at_level("INFO", logger="hidream_pack.hidream.lora"):
+    with caplog.at_level("INFO", logger="hidream_pack.hidream.lora.session"):
         image((0.5, 0.5))
     want = (
         "auto: merged copy ("

@@ -1,6 +1,6 @@
 """First Block Cache, TeaCache and DBCache on ComfyUI's native HiDream ``MODEL``.
 
-The policies are the pack's own (``hidream.cache.CacheSession``, the same kernels); this
+The policies are the pack's own (``hidream.cache.policy.CacheSession``, the same kernels); this
 module only attaches them to a ``ModelPatcher`` clone through ComfyUI's wrapper mechanism:
 
 - the node stores a ``NativeCacheHolder`` (the cache configs, no tensors) under
@@ -29,8 +29,8 @@ import logging
 
 import torch
 
-from ..cache import CacheSession, open_cache_session
-from ..cache_config import check_combination
+from ..cache.config import check_combination
+from ..cache.policy import CacheSession, open_cache_session
 from .runner import NativeRunner
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Stage LoRA on ComfyUI's native HiDream ``MODEL``: a LoRA that acts only on the high-noise
 steps (sigma >= boundary), only on the low-noise ones, or on both.
 
-Any file the pack reads (``hidream.lora_formats``: diffusers/PEFT, ComfyUI/ai-toolkit, kohya,
+Any file the pack reads (``hidream.lora.formats``: diffusers/PEFT, ComfyUI/ai-toolkit, kohya,
 OneTrainer, LyCORIS LoCon) is converted to ComfyUI's own LoRA keys and loaded by ComfyUI's
 ``comfy.lora.load_lora`` into the patcher with ``add_patches``, exactly what core
 *LoraLoaderModelOnly* does; stage ``both`` stops there, so it is core's behaviour.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..lora_formats import convert_state_dict, linear_module_shapes, read_lora_file
-from ..lora_spec import stage_includes, validate_lora
+from ..lora.formats import convert_state_dict, linear_module_shapes, read_lora_file
+from ..lora.spec import stage_includes, validate_lora
 from .cache import STAGE_KEY, require_hidream
 
 log = logging.getLogger(__name__)

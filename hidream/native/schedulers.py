@@ -2,7 +2,7 @@
 *SamplerCustomAdvanced* on the native HiDream MODEL.
 
 The SAMPLER runs the very sampler the HIDREAM_MODEL path builds for that name
-(``hidream.schedulers.make_sampler``: diffusers' flow schedulers or the engine's flow
+(``hidream.sampling.schedulers.make_sampler``: diffusers' flow schedulers or the engine's flow
 ODE/SDE samplers) with ComfyUI's model as the velocity: ComfyUI's model returns the denoised
 latent ``x - sigma * v``, so ``v = (x - denoised) / sigma``, evaluated at the sigma whose
 timestep (``1000 * sigma``) is the one the pack's sampler gives the transformer. Stochastic
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedulers import SchedulerSpec, make_sampler
+from ..sampling.schedulers import SchedulerSpec, make_sampler
 
 
 def sampler_sigmas(name: str, shift: float | None, steps: int, variant: str) -> torch.Tensor:

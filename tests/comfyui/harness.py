@@ -134,7 +134,7 @@ def _write_full_width_vae(path: Path) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    config = json.loads((PACK_ROOT / "hidream" / "configs" / "flux_vae.json").read_text())
+    config = json.loads((PACK_ROOT / "hidream" / "model" / "configs" / "flux_vae.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     torch.manual_seed(0)
     vae = AutoencoderKL(**config)

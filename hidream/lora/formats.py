@@ -125,7 +125,7 @@ def read_lora_file(path: str | Path, field: str = "lora") -> tuple[dict[str, tor
         )
     if not p.is_file():
         raise ValueError(f"{field}: LoRA file {str(p)!r} does not exist")
-    from .checkpoint import read_header
+    from ..model.checkpoint import read_header
 
     read_header(p, field)  # pickles, hostile shapes, offsets and nesting: one line naming the file
     try:

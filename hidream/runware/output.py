@@ -351,7 +351,7 @@ class PublishOptions:
 
     @classmethod
     def from_task(cls, task: Any, **overrides: Any) -> PublishOptions:
-        """The options a ``hidream.task.Task`` asks for."""
+        """The options a ``hidream.runware.task.Task`` asks for."""
         fields = {
             "output_format": task.output_format,
             "output_quality": task.output_quality,

@@ -1,8 +1,8 @@
 """What one LoRA node (or Runware task ``lora`` entry) asks for: file, weight, stage, boundary
-and how it merges; validated before any model work. ``hidream.lora`` applies these specs.
+and how it merges; validated before any model work. ``hidream.lora.session`` applies these specs.
 
 Every ``LoraSpec`` also counts itself live per path until it is garbage-collected, so the
-adapter registry (``hidream.lora``) can free the adapters of files no spec names any more.
+adapter registry (``hidream.lora.session``) can free the adapters of files no spec names any more.
 """
 
 from __future__ import annotations
@@ -142,10 +142,10 @@ Resolver = Callable[[str], Any]
 
 
 def folder_resolver(field: str = "lora_name") -> Resolver:
-    """Resolve names inside ComfyUI's ``loras`` folder (or the CLI's models dir) via ``hidream.paths``."""
+    """Resolve names inside ComfyUI's ``loras`` folder (or the CLI's models dir) via ``hidream.model.paths``."""
 
     def resolve(name: str) -> Path:
-        from . import paths
+        from ..model import paths
 
         return paths.resolve_model("loras", name, field=field)
 
@@ -199,7 +199,7 @@ def lora_spec_from_task(
     """A Runware task ``lora`` entry (``model``, ``weight`` = 1, ``transformer`` = both) as a spec.
 
     ``transformer`` is the API's name for the stage. Accepts the raw dict or any object with
-    those attributes (``hidream.task.TaskLora``). ``resolve`` None looks the name up in the
+    those attributes (``hidream.runware.task.TaskLora``). ``resolve`` None looks the name up in the
     ``loras`` model folder.
     """
     if resolve is None:

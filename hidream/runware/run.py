@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .handle import HiDreamModel, TextEncoders, VaeHandle
-from .sampling import SampleSettings, sample_latents
-from .schedulers import SchedulerSpec, validate_scheduler_name
+from ..model.handle import HiDreamModel, TextEncoders, VaeHandle
+from ..sampling.loop import SampleSettings, sample_latents
+from ..sampling.schedulers import SchedulerSpec, validate_scheduler_name
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def check_task(task: Task, lora_resolver: Callable[[str], Any] | None = None) ->
     LoRA names (resolved in the loras folder, header read), cache options against steps, the
     scheduler and the safety detector: a mistake here costs seconds, not a 20-30 s model load.
     """
-    from .checkpoint import read_header
-    from .lora_spec import lora_spec_from_task
+    from ..lora.spec import lora_spec_from_task
+    from ..model.checkpoint import read_header
 
     specs = []
     for i, entry in enumerate(task.lora):
@@ -88,7 +88,7 @@ def check_task(task: Task, lora_resolver: Callable[[str], Any] | None = None) ->
         specs.append(spec)
     configs = task.accelerator_options.cache_configs()
     if configs:
-        from .cache import open_cache_session
+        from ..cache.policy import open_cache_session
 
         open_cache_session(configs, variant="full", steps=task.steps)  # validates against steps
     if task.safety.check_content and task.safety.mode != "none":
@@ -106,7 +106,7 @@ def prepare(
         model = model.with_lora(spec)
     configs = task.accelerator_options.cache_configs()
     if configs:
-        from .cache import open_cache_session
+        from ..cache.policy import open_cache_session
 
         open_cache_session(configs, variant=model.variant, steps=task.steps)
         for config in configs:
@@ -124,8 +124,8 @@ def prepare(
 
 def generate(prep: PreparedTask, models: TaskModels, callback=None) -> tuple[Any, float, str]:
     """Encode, sample and decode; returns (IMAGE tensor, seconds, cache report)."""
-    from .text import encode_prompts
-    from .vae import decode
+    from ..model.text import encode_prompts
+    from ..model.vae import decode
 
     task = prep.task
     start = time.perf_counter()
@@ -245,7 +245,7 @@ def _pick(names: list[str], must: tuple[str, ...], field_name: str, folder: str)
 
 def find_models(dtype: str = "bf16", weights_offload: bool = True) -> TaskModels:
     """Load HiDream-I1 Full from the models folder (ComfyUI's, or ``paths.set_models_dir``)."""
-    from . import loading, paths
+    from ..model import loading, paths
 
     def path(kind: str, name: str, field_name: str) -> Path:
         return paths.resolve_model(kind, name, field=field_name)
@@ -300,7 +300,7 @@ def run_task_file(args: Any) -> int:
     """
     import sys
 
-    from . import paths
+    from ..model import paths
     from .task import TaskValidationError, parse_tasks, read_task_file
 
     try:

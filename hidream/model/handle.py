@@ -3,7 +3,7 @@
 ComfyUI caches node outputs and lets one output feed several branches, so a patch node
 (LoRA, cache) must never mutate its input: it returns a new handle that shares the heavy
 base weights and carries its own tuple of patches. Patches are applied only for the
-duration of one sampling call (see ``hidream.sampling``).
+duration of one sampling call (see ``hidream.sampling.loop``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ class HiDreamModel:
         device: compute device.
         offload: when True the weights live on the CPU and move to ``device`` only while
             sampling (for 24 GB cards).
-        loras: LoRA specs (``hidream.lora_spec.LoraSpec``), applied in order.
-        caches: cache configs (``hidream.cache`` configs), at most one block cache plus
+        loras: LoRA specs (``hidream.lora.spec.LoraSpec``), applied in order.
+        caches: cache configs (``hidream.cache.policy`` configs), at most one block cache plus
             optionally TeaCache.
         source: where the weights came from, for logs and errors.
         compile: ``off`` or ``blocks`` (regional torch.compile of the blocks while sampling,
-            ``hidream.compile``); the shared transformer itself is never compiled in place.
+            ``hidream.sampling.compile``); the shared transformer itself is never compiled in place.
     """
 
     transformer: Any

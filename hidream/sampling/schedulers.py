@@ -266,7 +266,11 @@ def validate_scheduler_name(name: str) -> str:
     text = name if isinstance(name, str) else str(name)
     by_lower = {n.lower(): n for n in SCHEDULER_NAMES}
     close = [by_lower[m] for m in difflib.get_close_matches(text.lower(), list(by_lower), n=5, cutoff=0.4)]
-    hint = f"closest valid names: {', '.join(close)}" if close else "see hidream.schedulers.SCHEDULER_NAMES"
+    hint = (
+        f"closest valid names: {', '.join(close)}"
+        if close
+        else "see hidream.sampling.schedulers.SCHEDULER_NAMES"
+    )
     raise ValueError(f"scheduler: unknown name {name!r}; {hint} (75 names are accepted)")
 
 
@@ -412,7 +416,9 @@ def scheduler_table_markdown() -> str:
         impl = "Full: `UniPCMultistepScheduler`, Dev/Fast: `FlowMatchEulerDiscreteScheduler`"
         if info.impl != "default":
             kind, _, target = info.impl.partition(":")
-            impl = f"`{target}`" + (" (diffusers)" if kind == "diffusers" else " (`hidream.flow_samplers`)")
+            impl = f"`{target}`" + (
+                " (diffusers)" if kind == "diffusers" else " (`hidream.sampling.flow_samplers`)"
+            )
         opts = ", ".join(f"{k}={v}" for k, v in info.options)
         note = "; ".join(p for p in (opts, info.note) if p)
         rows.append(

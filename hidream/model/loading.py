@@ -3,8 +3,8 @@
 Single files (Comfy-Org's split files) and diffusers folders both load. Every input is
 checked before any model is built: the file exists, is a real ``.safetensors`` (not a pickle,
 not truncated) and holds the kind of model the input expects. Configs ship with the pack and
-are sized from the tensor shapes (``hidream.configs``), fp8 files are dequantized on load
-(``hidream.fp8``), tokenizers come from the sources in ``hidream.tokenizers``.
+are sized from the tensor shapes (``hidream.model.configs``), fp8 files are dequantized on load
+(``hidream.model.fp8``), tokenizers come from the sources in ``hidream.model.tokenizers``.
 
 Loads are shared: ComfyUI re-runs a loader whenever any of its inputs changes and may hold
 several outputs, so the same file with the same options returns the very same handle while

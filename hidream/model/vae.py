@@ -1,6 +1,6 @@
 """LATENT <-> IMAGE with the Flux VAE (diffusers ``AutoencoderKL``).
 
-LATENT values are raw VAE-space latents (see ``hidream.sampling``), so decoding is a plain
+LATENT values are raw VAE-space latents (see ``hidream.sampling.loop``), so decoding is a plain
 ``vae.decode``; IMAGE is ComfyUI's float tensor [B, H, W, C] in 0..1.
 """
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .. import kernels
-from .cache_config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig, check_combination
-from .runner import ForwardContext, TransformerRunner
+from ... import kernels
+from ..sampling.runner import ForwardContext, TransformerRunner
+from .config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig, check_combination
 
 _Sums = torch.Tensor | None  # fp32 [sum|cur - prev|, sum|prev|] from the kernels
 

@@ -6,8 +6,8 @@ single run with that seed, because images are sampled one after another with the
 generator (cond and uncond of one image run as one batch of two, as in diffusers).
 
 Patches carried by the model handle are applied only inside this call: LoRA adapters are
-switched per step by sigma (``hidream.lora.LoraSession``) and cache state lives in a
-session created here (``hidream.cache``); both are undone in ``finally`` blocks, so an
+switched per step by sigma (``hidream.lora.session.LoraSession``) and cache state lives in a
+session created here (``hidream.cache.policy``); both are undone in ``finally`` blocks, so an
 exception or a cancel leaves the shared weights as they were.
 
 One transformer samples one call at a time (``_sampling_lock``): LoRA adapters, merged weight
@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.devices import on_device
+from ..model.handle import HiDreamModel
+from ..model.text import Conditioning, PromptEmbeds
 from .compile import graph_count
-from .devices import on_device
-from .handle import HiDreamModel
 from .progress import Progress
 from .runner import TransformerRunner
-from .text import Conditioning, PromptEmbeds
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _make_model_fn(
 def _open_cache(model: HiDreamModel, steps: int):
     if not model.caches:
         return None
-    from .cache import open_cache_session
+    from ..cache.policy import open_cache_session
 
     return open_cache_session(model.caches, variant=model.variant, steps=steps)
 
@@ -216,7 +216,7 @@ def sample_latents(
 ) -> SampleResult:
     """Sample ``settings.batch`` images; returns raw VAE-space latents.
 
-    ``scheduler`` is a ``hidream.schedulers.SchedulerSpec``. ``callback(done, total)`` is
+    ``scheduler`` is a ``hidream.sampling.schedulers.SchedulerSpec``. ``callback(done, total)`` is
     called after every step (outside ComfyUI; inside, ComfyUI's progress bar moves) and may
     raise to cancel.
     """
@@ -240,11 +240,11 @@ def sample_latents(
         stack.enter_context(on_device(model.transformer, model.device, model.offload))
         lora = None
         if model.loras:
-            from .lora import LoraSession
+            from ..lora.session import LoraSession
 
             lora = stack.enter_context(LoraSession(model.transformer, model.loras))
         else:
-            from .lora import release_unused
+            from ..lora.session import release_unused
 
             release_unused(model.transformer)  # adapters of deleted LoRA nodes cost time even idle
         for index in range(settings.batch):

@@ -16,13 +16,13 @@ Forward order (diffusers names)::
     single block j: h = block(cat(img, txt, llama_{D+j}));      cut back to img + txt
     out = unpatchify(final_layer(img, temb))    # the pipeline negates it afterwards
 
-Hook points for the caches (``hidream.cache``): ``prepare`` -> ``run_blocks(start, end)`` over
+Hook points for the caches (``hidream.cache.policy``): ``prepare`` -> ``run_blocks(start, end)`` over
 one flat index of double-then-single blocks -> ``finish``. A cache policy receives the
 runner and the prepared context and decides which block ranges to run.
 
 With ``compile="blocks"`` every block runs through one regionally compiled callable per block
-class (``hidream.compile``) and its MoE layers in the static, sync-free layout
-(``hidream.moe``): at a fixed size the whole forward then makes no host sync (``hidream.syncs``
+class (``hidream.sampling.compile``) and its MoE layers in the static, sync-free layout
+(``hidream.sampling.moe``): at a fixed size the whole forward then makes no host sync (``hidream.sampling.syncs``
 counts them; tested) and a cache decision reads one scalar. Eager runs keep diffusers' own MoE
 by default: the static layout costs 1.75x the expert FLOPs (1.5-1.65x the MoE wall time on
 CPU), which only pays off where a sync-free graph is needed.
@@ -94,9 +94,9 @@ class TransformerRunner:
         transformer: the shared diffusers transformer; never modified (the MoE swap is
             undone after each block call).
         moe: ``auto`` (default: ``dense`` with ``compile="blocks"``, else diffusers' own MoE),
-            ``dense`` or ``gather`` (the static layouts of ``hidream.moe``), or None for
+            ``dense`` or ``gather`` (the static layouts of ``hidream.sampling.moe``), or None for
             diffusers' own MoE (one host sync per MoE layer).
-        compile: ``off`` or ``blocks`` (regional compile, ``hidream.compile``).
+        compile: ``off`` or ``blocks`` (regional compile, ``hidream.sampling.compile``).
     """
 
     def __init__(self, transformer: torch.nn.Module, moe: str | None = "auto", compile: str = "off") -> None:

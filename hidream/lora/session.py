@@ -22,7 +22,7 @@ How it is applied (``LoraSession``, one per sampling call):
   weights; the original Parameter objects are put back by reference at the next change and at
   the end. ``auto`` uses a copy only when it fits in free memory with 2 GiB to spare, else (and
   always for fp8-stored weights) each patched Linear merges per call, one layer at a time
-  (``hidream.lora_apply``). Decided once per session; the log says which.
+  (``hidream.lora.apply``). Decided once per session; the log says which.
 - Live specs: per step, ``on_step(sigma)`` sets which adapters are live and their scales (PEFT
   ``enable_adapters`` / ``set_adapter`` / ``set_scale``; nothing is copied, and nothing at all
   happens on a step whose active set equals the previous one). Costs the low-rank matmuls.
@@ -52,8 +52,9 @@ from pathlib import Path
 
 import torch
 
-from . import lora_apply, lora_formats
-from .lora_spec import (  # re-exported: the engine's one LoRA namespace
+from . import apply as lora_apply
+from . import formats as lora_formats
+from .spec import (  # re-exported: the engine's one LoRA namespace
     LoraSpec,
     is_live,
 )
@@ -206,7 +207,7 @@ class LoraSession:
     ``__enter__`` loads (cached) adapters with none active and decides which specs merge
     (``merge_at_boundary`` on, or auto with room); ``on_step(sigma)`` makes exactly the adapters
     whose stage includes ``sigma`` act; ``__exit__`` undoes everything, also on an exception or a
-    cancel. Base weights are never written (``hidream.lora_apply``).
+    cancel. Base weights are never written (``hidream.lora.apply``).
     """
 
     def __init__(self, transformer: torch.nn.Module, specs: Sequence[LoraSpec]) -> None:

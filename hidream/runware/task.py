@@ -12,13 +12,13 @@ Choices the spec leaves open (documented in the README):
   Booleans are never numbers, numbers are never booleans, strings are never numbers.
 - ``positivePrompt``: 1..3000 characters, not only whitespace; ``negativePrompt``: 0..3000.
 - ``steps`` <= 1000 and ``CFGScale`` <= 100, the sampler's own limits
-  (``hidream.sampling.MAX_STEPS`` / ``MAX_CFG``), so a valid task never fails there.
+  (``hidream.sampling.loop.MAX_STEPS`` / ``MAX_CFG``), so a valid task never fails there.
 - ``CFGScale`` defaults to 5.0 (HiDream-I1 Full's published guidance scale); ``steps`` 30.
 - ``scheduler`` defaults to ``Default`` (the model's own scheduler).
 - An absent ``seed`` is drawn at parse time from 0..2**32-1 and returned in ``Task.seed``.
 - ``ttl`` applies to the files this pack saves, whatever the ``outputType``.
 - ``dbCacheSkipInterval`` <= 1000 (the engine's limit). Cache window fields are 0-based
-  step indices, end exclusive (``hidream.cache_config.CacheWindow``).
+  step indices, end exclusive (``hidream.cache.config.CacheWindow``).
 - ``fbCache`` with ``dbCache`` is an error: both act on the transformer blocks.
 """
 
@@ -51,7 +51,7 @@ RESULTS_MAX = 20
 QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY = 20, 99, 95
 TTL_MIN = 60
 LORA_WEIGHT_MAX = 4.0
-SKIP_INTERVAL_MAX = 1000  # hidream.cache_config.MAX_REFRESH_INTERVAL: the engine's own limit
+SKIP_INTERVAL_MAX = 1000  # hidream.cache.config.MAX_REFRESH_INTERVAL: the engine's own limit
 OUTPUT_TYPES = ("URL", "dataURI", "base64Data")
 OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
 DELIVERY_METHODS = ("sync", "async")
@@ -133,12 +133,12 @@ class AcceleratorOptions:
         return self.fb_cache or self.tea_cache or self.db_cache
 
     def cache_configs(self) -> tuple:
-        """The engine's configs (``hidream.cache_config``) for the enabled caches, one shared window.
+        """The engine's configs (``hidream.cache.config``) for the enabled caches, one shared window.
 
         TeaCache comes first: it decides whether the transformer runs at all, a block cache
         then acts inside the steps that do run.
         """
-        from .cache_config import CacheWindow, DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+        from ..cache.config import CacheWindow, DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
 
         window = CacheWindow(
             start_step=self.cache_start_step,
@@ -405,7 +405,7 @@ def _as_int(value: Any) -> int | None:
 
 
 def _scheduler_names() -> tuple[str, ...]:
-    from .schedulers import SCHEDULER_NAMES  # lazy: the scheduler table is large and optional here
+    from ..sampling.schedulers import SCHEDULER_NAMES  # lazy: the scheduler table is large and optional here
 
     return tuple(SCHEDULER_NAMES)
 
