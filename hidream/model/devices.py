@@ -12,15 +12,15 @@ from contextlib import contextmanager
 
 import torch
 
+from .. import host
+
 
 def default_device() -> torch.device:
     """ComfyUI's device inside ComfyUI; else CUDA when present; else the CPU."""
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-
-        return mm.get_torch_device()
-    except ImportError:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = host.torch_device()
+    if device is not None:
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextmanager

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import host
+
 KINDS = ("diffusion_models", "text_encoders", "vae", "diffusers", "loras")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -42,11 +44,7 @@ def _folder_paths():
     """
     if _models_dir is not None:
         return None
-    try:
-        import folder_paths  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return folder_paths
+    return host.folder_paths()
 
 
 def _check_kind(kind: str) -> None:

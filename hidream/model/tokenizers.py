@@ -18,6 +18,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from .. import host
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 
@@ -117,11 +119,8 @@ def _comfy_t5_dir() -> Path | None:
     ``comfy.text_encoders`` has no ``__init__.py`` (a namespace package), so its ``__file__``
     is None: the folder is found through the package's ``__path__`` entries instead.
     """
-    try:
-        import comfy.text_encoders  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return package_subdir(comfy.text_encoders, "t5_tokenizer")
+    package = host.text_encoders_package()
+    return package_subdir(package, "t5_tokenizer") if package is not None else None
 
 
 def package_subdir(package: object, name: str) -> Path | None:

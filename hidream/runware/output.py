@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .. import host
+
 log = logging.getLogger(__name__)
 
 PACK_SUBFOLDER = "hidream"
@@ -199,11 +201,7 @@ def output_root(output_dir: str | os.PathLike | None = None) -> Path:
     """``output_dir`` if given, else ComfyUI's output folder inside ComfyUI, else ``./output``."""
     if output_dir:
         return Path(output_dir)
-    try:
-        import folder_paths  # type: ignore[import-not-found]
-    except ImportError:
-        return Path.cwd() / "output"
-    return Path(folder_paths.get_output_directory())
+    return host.output_directory() or Path.cwd() / "output"
 
 
 def save_image(
@@ -277,17 +275,11 @@ def default_base_url() -> str:
     env = os.environ.get(BASE_URL_ENV)
     if env:
         return env
-    try:
-        from server import PromptServer  # type: ignore[import-not-found]
-
-        address = getattr(PromptServer.instance, "address", None)
-        port = getattr(PromptServer.instance, "port", None)
-    except (ImportError, AttributeError):
-        return DEFAULT_BASE_URL
+    address, port = host.server_address() or (None, None)
     if not port:
         return DEFAULT_BASE_URL
-    host = "127.0.0.1" if address in (None, "", "0.0.0.0", "::") else address
-    return f"http://{host}:{port}"
+    name = "127.0.0.1" if address in (None, "", "0.0.0.0", "::") else address
+    return f"http://{name}:{port}"
 
 
 def image_url(saved: SavedImage, base_url: str | None) -> str:

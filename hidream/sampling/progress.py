@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import host
+
 StepCallback = Callable[[int, int], None]
 
 
@@ -20,12 +22,10 @@ class Interrupted(RuntimeError):
 
 
 def _comfy_progress(total: int) -> StepCallback | None:
-    try:
-        import comfy.utils  # type: ignore[import-not-found]
-    except ImportError:
+    bar = host.progress_bar(total)
+    if bar is None:
         return None
-    bar = comfy.utils.ProgressBar(total)
-    console = _console_bar(total) if getattr(comfy.utils, "PROGRESS_BAR_ENABLED", True) else None
+    console = _console_bar(total) if host.console_bars_enabled() else None
 
     def update(step: int, total_steps: int) -> None:
         bar.update_absolute(step, total_steps)
@@ -46,14 +46,6 @@ def _console_bar(total: int):
     return tqdm(total=total, desc="HiDream-I1", unit="step", leave=True)
 
 
-def _comfy_interrupt_check() -> Callable[[], None] | None:
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return mm.throw_exception_if_processing_interrupted
-
-
 @dataclass
 class Progress:
     """Reports progress and checks for cancel once per sampling step."""
@@ -63,7 +55,7 @@ class Progress:
 
     def __post_init__(self) -> None:
         self._bar = _comfy_progress(self.total)
-        self._interrupt = _comfy_interrupt_check()
+        self._interrupt = host.interrupt_check()
 
     def check_interrupt(self) -> None:
         """Raise if the user asked to stop (ComfyUI's exception inside ComfyUI)."""

@@ -65,7 +65,7 @@ def _pack():
 
 
 def _engine(module: str):
-    """A module of the pack's engine (``hidream/<module>.py``)."""
+    """A module of the pack's engine (``hidream/<package>/<module>.py``, dotted)."""
     _pack()
     return importlib.import_module(f"hidream_pack.hidream.{module}")
 
@@ -104,7 +104,7 @@ def install_pack(base: Path) -> Path:
 
 def write_models(models: Path) -> dict[str, Path]:
     """Tiny models under the file names the shipped workflows use, plus the suite's extras."""
-    tiny = _engine("tiny")
+    tiny = _engine("model.tiny")
     files = tiny.ensure_tiny_models(models)
     aliases = {
         models / "diffusion_models" / "hidream_i1_full_fp8.safetensors": files["transformer_fp8"],
@@ -139,7 +139,7 @@ def _write_full_width_vae(path: Path) -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(**config)
     levels = len(config["block_out_channels"])
-    state = _engine("tiny").vae_to_original_keys(vae.state_dict(), levels)
+    state = _engine("model.tiny").vae_to_original_keys(vae.state_dict(), levels)
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
