@@ -12,9 +12,11 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 DEMO_WORKFLOW = ROOT / "workflows" / "api" / "hidream_i1_full_t2i.json"
+log = logging.getLogger(__name__)
 
 
 def _tiny_models(args: argparse.Namespace) -> int:
@@ -73,10 +75,140 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .hidream.runware.run import run_task_file
+def check_output_dir(root: str | Path) -> Path:
+    """The folder images are saved in (``root/hidream``) exists or can be made, and takes files.
 
-    return run_task_file(args)
+    Checked before any model work: an unusable folder found after generation loses the image.
+    """
+    from .hidream.runware.output import PACK_SUBFOLDER
+
+    folder = Path(root) / PACK_SUBFOLDER
+    probe = folder / ".write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"--output-dir: {str(root)!r} cannot hold images ({exc.strerror or exc}: {exc.filename or folder}); "
+            "expected a writable folder"
+        ) from exc
+    return folder
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``python . run TASK.json``: one Runware response JSON line per result on stdout.
+
+    Exit status: 0 when every task generated and delivered; 1 when any task failed (its
+    webhook is told, Runware's error shape); 2 when the input was refused before any model work.
+    """
+    from .hidream.model import paths
+    from .hidream.runware.run import check_price, check_task, find_models, prepare
+    from .hidream.runware.task import TaskValidationError, parse_tasks, read_task_file
+
+    try:
+        tasks = parse_tasks(read_task_file(args.task))
+    except TaskValidationError as exc:
+        print(f"task validation failed ({Path(args.task).name}):", *exc.errors, sep="\n  ", file=sys.stderr)
+        return 2
+    check_price(args.price_per_hour, "--price-per-hour")
+    check_output_dir(args.output_dir)
+    if args.models_dir:
+        paths.set_models_dir(args.models_dir)
+    for task in tasks:
+        check_task(task)  # LoRA names, detector, caches: before the models load
+    models = find_models(dtype=getattr(args, "dtype", "bf16"))
+    preps = [prepare(task, models) for task in tasks]  # every task checked before any runs
+    failed = [prep.task.task_uuid for prep in preps if not _run_prepared(prep, models, args)]
+    if failed:
+        print(f"error: {len(failed)} of {len(preps)} task(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tell_failure(task: Any, message: str) -> None:
+    """Log a task's failure and, when it has a webhook, post it there as Runware does."""
+    from .hidream.runware.delivery import error_payload, post_webhook
+
+    log.error("task %s failed: %s", task.task_uuid, message)
+    if task.webhook_url:
+        result = post_webhook(task.webhook_url, error_payload(task.task_type, task.task_uuid, message))
+        log.info("failure report: %s", json.dumps(result.to_dict()))
+
+
+def _report_deliveries(published: Any) -> bool:
+    """Log each delivery outcome (never "delivered" for a failure); True when all succeeded."""
+    paths = {item.image_uuid: item.path for item in published.saved}
+    ok = True
+    for result in published.deliveries:
+        if result.ok:
+            log.info("delivered %s of result %s to %s", result.kind, result.image_uuid, result.url)
+        else:
+            ok = False
+            log.error(
+                "NOT delivered: %s of result %s to %s (%s); the image is kept at %s",
+                result.kind,
+                result.image_uuid,
+                result.url,
+                "; ".join(result.errors) or f"HTTP {result.status}",
+                paths.get(result.image_uuid),
+            )
+    return ok
+
+
+def _failure_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"
+
+
+def _run_prepared(prep: Any, models: Any, args: argparse.Namespace) -> bool:
+    """Generate, save, print, deliver one task; False when it failed (its webhook is told)."""
+    from .hidream.runware.delivery import deliver_async
+    from .hidream.runware.run import generate, publish_images
+
+    task = prep.task
+    options = {
+        "price_per_hour": args.price_per_hour,
+        "output_root": args.output_dir,
+        "file_urls": True,
+    }
+
+    def produce() -> Any:
+        images, seconds, report = generate(prep, models)
+        published, _, _ = publish_images(
+            prep, images, seconds, sync_delivery=True, defer_delivery=True, **options
+        )
+        log.info(
+            "task %s: %.1f s; %s; saved %s",
+            task.task_uuid,
+            seconds,
+            report,
+            [str(s.path) for s in published.saved],
+        )
+        return published
+
+    if task.delivery_method == "async":
+        box: list = []
+
+        def work() -> list:
+            box.append(produce())
+            return box[0].deliver()
+
+        handle = deliver_async(task.task_type, task.task_uuid, work)
+        print(json.dumps(handle.ack[0]), flush=True)
+        handle.wait()
+        if handle.error:
+            _tell_failure(task, handle.error)
+            return False
+        return _report_deliveries(box[0])
+    try:
+        published = produce()
+    except Exception as exc:  # noqa: BLE001 - one failed task is reported (and its webhook told), the rest run
+        _tell_failure(task, _failure_text(exc))
+        return False
+    for response in published.response_json():
+        print(json.dumps(response), flush=True)  # the answer first: delivery may take minutes
+    published.deliver()
+    return _report_deliveries(published)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ Full default scheduler, one thread, fp32, on whatever device the model is put (`
 the CPU compiles with inductor's C++ backend). Three figures:
 
 - ``host_syncs``: host syncs in one forward of our runner at 256x256, counted by
-  ``hidream.sampling.syncs.SyncCounter`` (diffusers' MoE in the same forward is printed beside it);
+  ``hidream.forward.syncs.SyncCounter`` (diffusers' MoE in the same forward is printed beside it);
 - ``moe_ratio``: wall time of our static MoE (dense gate) over diffusers' MoE, summed over
   every MoE layer of the model on the inputs it really sees in that forward (captured by
   hooks). The fixed-capacity gather layout and the FLOP ratios are printed beside it;
@@ -52,8 +52,8 @@ def _forward_inputs(transformer, cond, device):
 def count_syncs(transformer, cond, device) -> tuple[int, int, dict]:
     """(ours, diffusers' MoE, ours by op) host syncs in one CFG forward at SIZE."""
     import torch
-    from hidream_pack.hidream.sampling.runner import TransformerRunner
-    from hidream_pack.hidream.sampling.syncs import SyncCounter
+    from hidream_pack.hidream.forward.runner import TransformerRunner
+    from hidream_pack.hidream.forward.syncs import SyncCounter
 
     inputs = _forward_inputs(transformer, cond, device)
     counts = []
@@ -68,8 +68,8 @@ def count_syncs(transformer, cond, device) -> tuple[int, int, dict]:
 def moe_inputs(transformer, cond, device) -> list[tuple[object, object]]:
     """(MoE layer, the input it gets) for every MoE layer, from one forward of our runner."""
     import torch
-    from hidream_pack.hidream.sampling.moe import is_moe
-    from hidream_pack.hidream.sampling.runner import TransformerRunner
+    from hidream_pack.hidream.forward.moe import is_moe
+    from hidream_pack.hidream.forward.runner import TransformerRunner
 
     seen, hooks = [], []
     for module in transformer.modules():
@@ -94,7 +94,7 @@ def moe_flops(layer, tokens: int, dense: bool) -> int:
 
 def time_moe(pairs, repeats: int, sync) -> dict[str, float]:
     import torch
-    from hidream_pack.hidream.sampling import moe as moe_mod
+    from hidream_pack.hidream.forward import moe as moe_mod
 
     fns = {
         "diffusers": lambda m, x: m(x),

@@ -119,7 +119,7 @@ def main() -> None:
     def logging_on_step(self, sigma):
         changed = real_on_step(self, sigma)
         active_log.append({spec.stage for adapter, spec in self._plan if adapter in self.active})
-        merged_log.append(set(self.merged) == set(self.active) and self._how == lora_apply.COPY)
+        merged_log.append(set(self.merged) == set(self.active) and self._auto_merge == lora_apply.COPY)
         return changed
 
     lora.LoraSession.on_step = logging_on_step

@@ -152,7 +152,7 @@ def calibrate(bench) -> dict[str, float]:
 
     probe = our_model(bench.patcher, "FB", 0.0)
     bench.sample(probe)
-    dists = [r.distance("rest") for r in session_of(probe).records if r.distances]
+    dists = [r.distance("remaining") for r in session_of(probe).records if r.distances]
     block = float(torch.tensor(dists).quantile(0.6))
     embed = bench.patcher.model.diffusion_model.t_embedder
     embs = [embed(torch.tensor([float(s) * 1000]), torch.float32) for s in bench.sigmas[:-1]]

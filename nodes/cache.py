@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 
+from ..hidream import limits
 from ..hidream.cache.config import (
-    MAX_CONSECUTIVE_RANGE,
-    MAX_REFRESH_INTERVAL,
     CacheWindow,
     DBCacheConfig,
     FirstBlockCacheConfig,
@@ -22,7 +21,7 @@ _UNSET = -1
 
 
 def _window_inputs() -> dict:
-    lo, hi = MAX_CONSECUTIVE_RANGE
+    lo, hi = limits.CACHE_MAX_CONSECUTIVE.lo, limits.CACHE_MAX_CONSECUTIVE.hi
 
     def opt(tooltip: str, hi_: int) -> tuple:
         return ("INT", {"default": _UNSET, "min": _UNSET, "max": hi_, "tooltip": tooltip, "advanced": True})
@@ -31,27 +30,27 @@ def _window_inputs() -> dict:
         "start_step": opt(
             "Runware cacheStartStep: first step that may reuse (0-based; step 0 always computes). "
             "-1 = from the start.",
-            10000,
+            limits.STEPS.hi,
         ),
         "end_step": opt(
             "Runware cacheEndStep: steps from this one on always compute (1..steps, > start_step). "
             "-1 = to the end.",
-            10000,
+            limits.STEPS.hi,
         ),
         "start_percent": opt(
             "Runware cacheStartStepPercentage (0..99): start_step as floor(steps * pct / 100); "
             "not together with start_step/end_step. -1 = unset.",
-            99,
+            limits.CACHE_START_PERCENT.hi,
         ),
         "end_percent": opt(
             "Runware cacheEndStepPercentage (1..100, > start_percent): end_step as floor(steps * pct / 100). "
             "-1 = unset.",
-            100,
+            limits.CACHE_END_PERCENT.hi,
         ),
         "max_consecutive": (
             "INT",
             {
-                "default": 3,
+                "default": limits.DEFAULT_CACHE_MAX_CONSECUTIVE,
                 "min": lo,
                 "max": hi,
                 "tooltip": "Runware cacheMaxConsecutiveSteps: at most this many reused steps in a row (1..5); "
@@ -83,7 +82,11 @@ def _attach(model, config):
 
 def _threshold_input(tooltip: str, default: float = 0.25) -> tuple:
     """A 0..1 threshold widget (Runware's range and step)."""
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+    bounds = limits.CACHE_THRESHOLD
+    return (
+        "FLOAT",
+        {"default": default, "min": bounds.lo, "max": bounds.hi, "step": 0.01, "tooltip": tooltip},
+    )
 
 
 class _CacheNode:
@@ -209,7 +212,7 @@ class HiDreamI1DBCache(_CacheNode):
                     {
                         "default": 5,
                         "min": 1,
-                        "max": MAX_REFRESH_INTERVAL,
+                        "max": limits.CACHE_REFRESH_INTERVAL.hi,
                         "tooltip": "Runware dbCacheSkipInterval: at most this many steps are skipped between forced "
                         "refreshes (every interval+1-th step, counted from the step before the window, "
                         "computes). >= steps = never forced.",
@@ -219,8 +222,8 @@ class HiDreamI1DBCache(_CacheNode):
                     "INT",
                     {
                         "default": 1,
-                        "min": 1,
-                        "max": 64,
+                        "min": limits.DBCACHE_FRONT_BLOCKS.lo,
+                        "max": limits.DBCACHE_FRONT_BLOCKS.hi,
                         "tooltip": "Fn (cache-dit Fn_compute_blocks): blocks always computed at the front of "
                         "each block list (double-stream, single-stream); their residual decides.",
                         "advanced": True,
@@ -230,8 +233,8 @@ class HiDreamI1DBCache(_CacheNode):
                     "INT",
                     {
                         "default": 0,
-                        "min": 0,
-                        "max": 64,
+                        "min": limits.DBCACHE_BACK_BLOCKS.lo,
+                        "max": limits.DBCACHE_BACK_BLOCKS.hi,
                         "tooltip": "Bn (cache-dit Bn_compute_blocks): blocks always computed at the end of each "
                         "block list. Fn + Bn must leave a middle block in each list.",
                         "advanced": True,

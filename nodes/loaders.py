@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..hidream.forward.compile import COMPILE_MODES, check_compile
 from ..hidream.model import loading, paths
-from ..hidream.sampling.compile import COMPILE_MODES, check_compile
 
 DTYPE_CHOICES = list(loading.DTYPES)
 WEIGHTS_CHOICES = ["gpu", "offload"]

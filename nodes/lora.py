@@ -6,6 +6,7 @@ here: the file is read into the shared transformer, once, by the sampler's LoRA 
 
 from __future__ import annotations
 
+from ..hidream import limits
 from ..hidream.lora import spec as lora_spec
 
 
@@ -32,7 +33,7 @@ class HiDreamI1LoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        lo, hi = lora_spec.WEIGHT_RANGE
+        lo, hi = limits.LORA_WEIGHT.lo, limits.LORA_WEIGHT.hi
         return {
             "required": {
                 "model": (
@@ -67,8 +68,8 @@ class HiDreamI1LoraLoader:
                     "FLOAT",
                     {
                         "default": lora_spec.DEFAULT_BOUNDARY,
-                        "min": 0.001,
-                        "max": 0.999,
+                        "min": limits.LORA_BOUNDARY.lo,
+                        "max": limits.LORA_BOUNDARY.hi,
                         "step": 0.001,
                         "tooltip": "Sigma where the high stage ends and the low stage begins (0..1, exclusive). "
                         "0.875 (Wan 2.2's split) gives high the first 10 of 30 steps with the Full default "

@@ -9,8 +9,8 @@ node runs before sampling, so it cannot return it as a STRING).
 
 from __future__ import annotations
 
+from ..hidream.limits import STEPS, VARIANTS, check_choice
 from ..hidream.lora import spec as lora_spec
-from ..hidream.sampling.schedulers import VARIANTS
 from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 from .lora import HiDreamI1LoraLoader
 from .scheduler import HiDreamI1Scheduler
@@ -81,8 +81,7 @@ class HiDreamI1NativeTeaCache(_NativeCache, HiDreamI1TeaCache):
         end_percent,
         max_consecutive,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        check_choice("variant", variant, VARIANTS)
         self._variant = variant
         window = (start_step, end_step, start_percent, end_percent, max_consecutive)
         return super().apply(model, distance, coefficients, *window)
@@ -161,7 +160,7 @@ class HiDreamI1NativeScheduler:
                 "scheduler": base["scheduler"],
                 "steps": (
                     "INT",
-                    {"default": 30, "min": 1, "max": 1000, "tooltip": "Sampling steps (1..1000)."},
+                    {"default": 30, "min": STEPS.lo, "max": STEPS.hi, "tooltip": "Sampling steps (1..1000)."},
                 ),
                 "shift": base["shift"],
                 "variant": (
@@ -178,8 +177,7 @@ class HiDreamI1NativeScheduler:
         from ..hidream.native.schedulers import make_comfy_sampler
         from ..hidream.sampling.schedulers import validate_shift
 
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        check_choice("variant", variant, VARIANTS)
         value = None if shift == 0 else validate_shift(shift)
         return make_comfy_sampler(scheduler, value, steps, variant)
 

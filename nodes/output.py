@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+from ..hidream import limits
 from ..hidream.runware import output, task
 
 
@@ -75,27 +76,27 @@ class HiDreamI1SaveImage:
                     },
                 ),
                 "output_format": (
-                    list(output.FORMATS),
+                    list(limits.OUTPUT_FORMATS),
                     {"default": "JPG", "tooltip": "outputFormat: JPG, PNG or WEBP."},
                 ),
                 "output_quality": (
                     "INT",
                     {
-                        "default": 95,
-                        "min": 20,
-                        "max": 99,
+                        "default": limits.DEFAULT_QUALITY,
+                        "min": limits.QUALITY.lo,
+                        "max": limits.QUALITY.hi,
                         "tooltip": "outputQuality 20..99 for JPG and WEBP; PNG is lossless and ignores it.",
                     },
                 ),
                 "output_type": (
-                    list(output.OUTPUT_TYPES),
+                    list(limits.OUTPUT_TYPES),
                     {
                         "default": "URL",
                         "tooltip": "outputType: URL (ComfyUI /view link), dataURI or base64Data (the file's bytes).",
                     },
                 ),
                 "delivery_method": (
-                    ["sync", "async"],
+                    list(limits.DELIVERY_METHODS),
                     {
                         "default": "sync",
                         "tooltip": "sync: deliver, then return the results. async: return the acknowledgement at "
@@ -109,7 +110,7 @@ class HiDreamI1SaveImage:
                         "min": 0,
                         "max": 315360000,
                         "tooltip": "Seconds to keep the files; expired ones are deleted at a later save. "
-                        "0 = keep forever; otherwise >= 60.",
+                        f"0 = keep forever; otherwise >= {limits.TTL.lo}.",
                     },
                 ),
                 "include_metadata": (
@@ -142,7 +143,7 @@ class HiDreamI1SaveImage:
                     {
                         "default": -1,
                         "min": -1,
-                        "max": task.SEED_MAX,
+                        "max": limits.SEED.hi,
                         # Not a generation seed: without this the editor adds a randomize control
                         # to every INT named seed and reports a seed the image was not made with.
                         "control_after_generate": False,

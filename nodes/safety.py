@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..hidream import limits
 from ..hidream.runware import safety
 
 
@@ -25,7 +26,7 @@ class HiDreamI1SafetyCheck:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        lo, hi = safety.THRESHOLD_RANGE
+        lo, hi = limits.SAFETY_THRESHOLD.lo, limits.SAFETY_THRESHOLD.hi
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Images to check (any batch size)."}),
@@ -38,7 +39,7 @@ class HiDreamI1SafetyCheck:
                     },
                 ),
                 "mask_method": (
-                    list(safety.MASK_METHODS),
+                    list(limits.SAFETY_MASK_METHODS),
                     {
                         "default": "blur",
                         "tooltip": "How a flagged image is hidden: blur = the whole image reduced to a soft "

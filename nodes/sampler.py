@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..hidream import limits
 from ..hidream.model.vae import decode
 from ..hidream.sampling import loop as sampling
 
@@ -24,8 +25,8 @@ class HiDreamI1Sampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        lo, hi = sampling.SIZE_RANGE
-        step = sampling.SIZE_STEP
+        lo, hi = limits.SIZE.lo, limits.SIZE.hi
+        step = limits.SIZE.step
         return {
             "required": {
                 "model": (
@@ -62,7 +63,7 @@ class HiDreamI1Sampler:
                     {
                         "default": 50,
                         "min": 1,
-                        "max": sampling.MAX_STEPS,
+                        "max": limits.STEPS.hi,
                         "tooltip": "Denoising steps (Full: 50; Dev: 28; Fast: 16).",
                     },
                 ),
@@ -71,7 +72,7 @@ class HiDreamI1Sampler:
                     {
                         "default": 5.0,
                         "min": 0.0,
-                        "max": sampling.MAX_CFG,
+                        "max": limits.CFG.hi,
                         "step": 0.01,
                         "tooltip": "Classifier-free guidance scale (Runware CFGScale). <= 1 runs no negative pass (Dev/Fast use 0).",
                     },
@@ -81,7 +82,7 @@ class HiDreamI1Sampler:
                     {
                         "default": 0,
                         "min": 0,
-                        "max": sampling.MAX_SEED,
+                        "max": limits.SEED.hi,
                         "control_after_generate": True,
                         "tooltip": "Noise seed; image i of the batch uses seed + i.",
                     },
@@ -90,8 +91,8 @@ class HiDreamI1Sampler:
                     "INT",
                     {
                         "default": 1,
-                        "min": sampling.BATCH_RANGE[0],
-                        "max": sampling.BATCH_RANGE[1],
+                        "min": limits.BATCH.lo,
+                        "max": limits.BATCH.hi,
                         "tooltip": "Images per run (Runware numberResults), 1..20.",
                     },
                 ),

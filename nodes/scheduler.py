@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..hidream.sampling.schedulers import SCHEDULER_NAMES, SHIFT_RANGE, SchedulerSpec, validate_shift
+from ..hidream.limits import SCHEDULER_NAMES, SHIFT
+from ..hidream.sampling.schedulers import SchedulerSpec, validate_shift
 
 
 class HiDreamI1Scheduler:
@@ -21,7 +22,7 @@ class HiDreamI1Scheduler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        lo, hi = SHIFT_RANGE
+        lo, hi = SHIFT.lo, SHIFT.hi
         return {
             "required": {
                 "scheduler": (

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..hidream.model.text import MAX_SEQUENCE_LENGTH_RANGE, encode_prompts
+from ..hidream.limits import MAX_SEQUENCE_LENGTH
+from ..hidream.model.text import encode_prompts
 
 
 class HiDreamI1TextEncode:
@@ -20,7 +21,7 @@ class HiDreamI1TextEncode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        lo, hi = MAX_SEQUENCE_LENGTH_RANGE
+        lo, hi = MAX_SEQUENCE_LENGTH.lo, MAX_SEQUENCE_LENGTH.hi
         return {
             "required": {
                 "text_encoders": (

@@ -92,10 +92,10 @@ def validate_task(raw: dict) -> Task:
     errors = _check_loras(task, settings.loras)
     configs = task.accelerator_options.cache_configs()
     if configs:
-        from ..hidream.cache.policy import open_cache_session
+        from ..hidream.cache.config import check_configs
 
         try:
-            open_cache_session(configs, variant="full", steps=task.steps)
+            check_configs(configs, task.steps)
         except ValueError as exc:
             errors.append(wire.value_error(exc, TASK_TYPE, uid))
     if errors:

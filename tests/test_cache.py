@@ -23,9 +23,9 @@ from hidream_pack.hidream.cache.config import (
     TeaCacheConfig,
     check_combination,
 )
+from hidream_pack.hidream.forward.runner import TransformerRunner
 from hidream_pack.hidream.model import tiny
 from hidream_pack.hidream.model.handle import HiDreamModel
-from hidream_pack.hidream.sampling.runner import TransformerRunner
 from hidream_pack.nodes.cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 
 TINY = tiny.TINY_TRANSFORMER_CONFIG
@@ -163,7 +163,9 @@ def test_first_step_computes_even_with_a_forced_window(runner):
     assert session.records[0].reused == () and session.records[0].blocks_run == runner.num_blocks
 
 
-@pytest.mark.parametrize("block, name", [(fb(), ("rest",)), (db(), ("double", "single"))], ids=["fb", "db"])
+@pytest.mark.parametrize(
+    "block, name", [(fb(), ("remaining",)), (db(), ("double", "single"))], ids=["fb", "db"]
+)
 def test_teacache_decides_first_and_chains_count_for_both(runner, block, name):
     _, session, _ = drive(runner, (tea(max_consecutive=2), block))
     assert session.computed_steps() == [0, 4, 8]
@@ -276,7 +278,9 @@ def test_two_branches_of_one_graph_sample_like_their_own_fresh_runs(runner):
 
     a1, b1, plain, a2, zero = run(a), run(b), run(base), run(a), run(off)
     assert torch.equal(a1.latents, a2.latents) and a1.report == a2.report
-    assert a1.report.startswith("FBCache: 4 of 6 steps reused, 2.0x fewer block calls | 0:compute 1:rest@")
+    assert a1.report.startswith(
+        "FBCache: 4 of 6 steps reused, 2.0x fewer block calls | 0:compute 1:remaining@"
+    )
     assert b1.report.startswith(
         "DBCache: 3 of 6 steps reused, 1.3x fewer block calls | 0:compute 1:double+single@"
     )

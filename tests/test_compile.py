@@ -15,14 +15,14 @@ import torch
 from diffusers import HiDreamImageTransformer2DModel
 from hidream_pack.hidream.cache import policy as cache_mod
 from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig
+from hidream_pack.hidream.forward import compile as compile_mod
+from hidream_pack.hidream.forward.runner import TransformerRunner
 from hidream_pack.hidream.lora import session as lora
 from hidream_pack.hidream.lora import spec as lora_spec
 from hidream_pack.hidream.model import tiny
 from hidream_pack.hidream.model.handle import HiDreamModel
 from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
-from hidream_pack.hidream.sampling import compile as compile_mod
 from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
-from hidream_pack.hidream.sampling.runner import TransformerRunner
 from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 from hidream_pack.nodes.loaders import HiDreamI1DiffusersLoader, HiDreamI1ModelLoader
 from peft import LoraConfig, inject_adapter_in_model

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hidream_pack.hidream.forward.runner import TransformerRunner
 from hidream_pack.hidream.model import fp8, loading, tiny
 from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
 from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
-from hidream_pack.hidream.sampling.runner import TransformerRunner
 from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
 
@@ -103,7 +103,7 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
         base = TransformerRunner(small).forward(*_inputs())
         with lora.LoraSession(small, [spec]) as session:
             session.on_step(0.5)
-            assert session._how == "per call"  # merge_at_boundary auto: fp8 storage cannot hold a copy
+            assert session._auto_merge == "per call"  # merge_at_boundary auto: fp8 storage cannot hold a copy
             patched = TransformerRunner(small).forward(*_inputs())
         after = TransformerRunner(small).forward(*_inputs())
         with lora.LoraSession(small, [lora_spec.LoraSpec(str(path), 1.0, "both", merge="off")]) as session:

@@ -642,7 +642,7 @@ def test_auto_merges_per_call_without_room(pristine, base, files, monkeypatch, c
         assert torch.equal(run(base), per_call)  # the same arithmetic either way
     monkeypatch.setattr(devices, "free_memory", lambda device: None)
     with lora.LoraSession(base, specs[:1]) as s:
-        assert s._how == lora_apply.PER_CALL
+        assert s._auto_merge == lora_apply.PER_CALL
         mixed = [specs[0], spec(files["f2"], 0.5, "high", merge="on")]  # on: a copy regardless
     with lora.LoraSession(base, mixed) as s:
         s.on_step(0.95)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import HiDreamImageTransformer2DModel
+from hidream_pack.hidream.forward.runner import TransformerRunner, patchify, unpatchify
 from hidream_pack.hidream.model import tiny
-from hidream_pack.hidream.sampling.runner import TransformerRunner, patchify, unpatchify
 
 TINY = tiny.TINY_TRANSFORMER_CONFIG
 

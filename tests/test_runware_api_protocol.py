@@ -107,14 +107,14 @@ def talk(session: service.Session, items) -> tuple[list[dict], list]:
 @pytest.mark.parametrize(
     ("line", "code", "parameter"),
     [
-        ("steps: got 0; expected an integer from 1 to 1000", "invalidSteps", "steps"),
-        ("positivePrompt: missing; expected a string", "missingPositivePrompt", "positivePrompt"),
+        ("steps: got 0; allowed: an integer from 1 to 1000", "invalidSteps", "steps"),
+        ("positivePrompt: missing; allowed: a string", "missingPositivePrompt", "positivePrompt"),
         ("colour: unknown field; allowed fields: taskType", "unknownParameter", "colour"),
-        ('model: got "x"; expected one of runware:97@1', "unknownModel", "model"),
-        ("lora[1].weight: got 5.0; expected a number", "invalidLora", "lora[1].weight"),
-        ("tasks[2].CFGScale: got -1; expected a number", "invalidCFGScale", "CFGScale"),
+        ('model: got "x"; allowed: one of runware:97@1', "unknownModel", "model"),
+        ("lora[1].weight: got 5.0; allowed: a number", "invalidLora", "lora[1].weight"),
+        ("tasks[2].CFGScale: got -1; allowed: a number", "invalidCFGScale", "CFGScale"),
         (
-            "acceleratorOptions.cacheEndStep: got 9; expected",
+            "acceleratorOptions.cacheEndStep: got 9; allowed:",
             "invalidAcceleratorOptions",
             "acceleratorOptions.cacheEndStep",
         ),

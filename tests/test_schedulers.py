@@ -21,8 +21,8 @@ from hidream_pack.hidream.sampling.schedulers import (
     NAME_TABLE,
     SCHEDULER_NAMES,
     SchedulerSpec,
+    check_scheduler_name,
     make_sampler,
-    validate_scheduler_name,
 )
 from hidream_pack.nodes.scheduler import HiDreamI1Scheduler
 
@@ -93,17 +93,17 @@ def test_names_are_the_75_spec_names_in_spec_order():
 
 def test_unknown_name_lists_the_closest_valid_names():
     with pytest.raises(ValueError) as err:
-        validate_scheduler_name("DPM++ 2M Karas")
+        check_scheduler_name("DPM++ 2M Karas")
     msg = str(err.value)
     assert msg.startswith("scheduler: unknown name 'DPM++ 2M Karas'; closest valid names: DPM++ 2M Karras")
     with pytest.raises(ValueError, match=r"closest valid names: Euler a"):
         SchedulerSpec("euler_a")
     with pytest.raises(ValueError, match=r"scheduler: unknown name 42"):
-        validate_scheduler_name(42)
+        check_scheduler_name(42)
 
 
 def test_shift_variant_and_steps_are_validated():
-    with pytest.raises(ValueError, match=r"shift: got 0.05; must be a number in 0.1..20.0"):
+    with pytest.raises(ValueError, match=r"shift: got 0.05; allowed: a number from 0.1 to 20"):
         SchedulerSpec("Euler", 0.05)
     with pytest.raises(ValueError, match=r"variant: got 'turbo'; allowed: full, dev, fast"):
         make_sampler(SchedulerSpec("Euler"), "turbo", 4)

@@ -1,6 +1,6 @@
 """A forward with no host syncs: the static MoE equals diffusers', and the syncs are counted.
 
-The counter (``hidream.sampling.syncs.SyncCounter``) is checked first on code that does sync, then on
+The counter (``hidream.forward.syncs.SyncCounter``) is checked first on code that does sync, then on
 diffusers' own MoE (which it must catch: 2 per MoE layer), then on our forward (0), with the
 caches on too, where each cache decision may read exactly one scalar, only when it decides.
 """
@@ -13,10 +13,10 @@ from diffusers import HiDreamImageTransformer2DModel
 from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
 from hidream_pack.hidream.cache import policy as cache_mod
 from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+from hidream_pack.hidream.forward import moe as moe_mod
+from hidream_pack.hidream.forward.runner import TransformerRunner
+from hidream_pack.hidream.forward.syncs import SyncCounter
 from hidream_pack.hidream.model import tiny
-from hidream_pack.hidream.sampling import moe as moe_mod
-from hidream_pack.hidream.sampling.runner import TransformerRunner
-from hidream_pack.hidream.sampling.syncs import SyncCounter
 
 TINY = tiny.TINY_TRANSFORMER_CONFIG
 # (dim, MoE hidden) of the tiny model, of the benchmark model (bench/_common.py) and a wider one.

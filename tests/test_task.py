@@ -141,7 +141,7 @@ INVALID = [
     (_set("lora", [{"weight": 1}]), "lora[0].model", "missing"),
     (_set("lora", [{"model": "a"}, {"model": "b", "weight": 5}]), "lora[1].weight", "from -4 to 4"),
     (_set("lora", [{"model": "a", "weight": -4.01}]), "lora[0].weight", "got -4.01"),
-    (_set("lora", [{"model": "a", "transformer": "middle"}]), "lora[0].transformer", "high, low, both"),
+    (_set("lora", [{"model": "a", "transformer": "middle"}]), "lora[0].transformer", "both, high, low"),
     (_set("lora", [{"model": "a", "scale": 1}]), "lora[0].scale", "unknown field"),
     (_set("lora", ["a.safetensors"]), "lora[0]", "a JSON object"),
     (_set(f"{ACC}.fbCacheThreshold", 1.5), f"{ACC}.fbCacheThreshold", "from 0 to 1"),
@@ -204,7 +204,7 @@ def test_array_errors_carry_task_index():
     good, bad = base(), base() | {"taskUUID": "ee731c2c-f21b-4193-9d55-a68c219e268f", "seed": -3}
     errors = errors_of([good, bad, 7])
     assert errors == [
-        "tasks[1].seed: got -3; expected an integer from 0 to 9223372036854775807",
+        "tasks[1].seed: got -3; allowed: an integer from 0 to 9223372036854775807",
         "tasks[2]: got 7; expected a JSON object",
     ]
 
@@ -365,7 +365,7 @@ def test_accelerator_options_map_to_engine_configs():
 def test_url_error_never_shows_query():
     errors = errors_of(base() | {"webhookURL": "ftp://h.example/x?token=SECRET123"})
     assert errors == [
-        'webhookURL: got "ftp://h.example/x?<redacted>"; expected an http:// or https:// URL '
+        'webhookURL: got "ftp://h.example/x?<redacted>"; allowed: an http:// or https:// URL '
         "(only http and https are allowed)"
     ]
 

@@ -19,31 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .. import limits
+from ..limits import check_int, check_number
+
 # Published HiDream TeaCache polynomials (highest power first), from ComfyUI-TeaCache.
 TEACACHE_COEFFICIENTS: dict[str, tuple[float, ...]] = {
     "full": (-3.13605009e04, -7.12425503e02, 4.91363285e01, 8.26515490e00, 1.08053901e-01),
     "dev": (1.39997273, -4.30130469, 5.01534416, -2.20504164, 0.93942874),
     "fast": (2.26509623, -6.88864563, 7.61123826, -3.10849353, 0.99927602),
 }
-MAX_CONSECUTIVE_RANGE = (1, 5)
-MAX_REFRESH_INTERVAL = 1000
-
-
-def _number(field_name: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)):
-        raise TypeError(f"{field_name}: expected a number {lo}..{hi}, got {value!r}")
-    if not lo <= float(value) <= hi:
-        raise ValueError(f"{field_name}: {value} is outside the allowed range {lo}..{hi}")
-    return float(value)
-
-
-def _integer(field_name: str, value: object, lo: int, hi: int | None = None) -> int:
-    allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field_name}: expected an integer {allowed}, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{field_name}: {value} is outside the allowed range {allowed}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -68,14 +52,14 @@ class CacheWindow:
     def validate(self) -> None:
         """Checks that do not need the step count (done when the node runs)."""
         if self.start_step is not None:
-            _integer("cacheStartStep", self.start_step, 0)
+            check_int("cacheStartStep", self.start_step, limits.CACHE_START_STEP)
         if self.end_step is not None:
-            _integer("cacheEndStep", self.end_step, 1)
+            check_int("cacheEndStep", self.end_step, limits.CACHE_END_STEP)
         if self.start_percent is not None:
-            _integer("cacheStartStepPercentage", self.start_percent, 0, 99)
+            check_int("cacheStartStepPercentage", self.start_percent, limits.CACHE_START_PERCENT)
         if self.end_percent is not None:
-            _integer("cacheEndStepPercentage", self.end_percent, 1, 100)
-        _integer("cacheMaxConsecutiveSteps", self.max_consecutive, *MAX_CONSECUTIVE_RANGE)
+            check_int("cacheEndStepPercentage", self.end_percent, limits.CACHE_END_PERCENT)
+        check_int("cacheMaxConsecutiveSteps", self.max_consecutive, limits.CACHE_MAX_CONSECUTIVE)
         absolute = self.start_step is not None or self.end_step is not None
         percent = self.start_percent is not None or self.end_percent is not None
         if absolute and percent:
@@ -134,7 +118,7 @@ class FirstBlockCacheConfig:
     label = "FBCache"
 
     def validate(self) -> None:
-        _number("fbCacheThreshold", self.threshold, 0.0, 1.0)
+        check_number("fbCacheThreshold", self.threshold, limits.CACHE_THRESHOLD)
         self.window.validate()
 
     def tag(self) -> str:
@@ -161,7 +145,7 @@ class TeaCacheConfig:
     label = "TeaCache"
 
     def validate(self) -> None:
-        _number("teaCacheDistance", self.distance, 0.0, 1.0)
+        check_number("teaCacheDistance", self.distance, limits.CACHE_THRESHOLD)
         if self.coefficients is not None:
             if not 1 <= len(self.coefficients) <= 10:
                 raise ValueError(
@@ -204,10 +188,10 @@ class DBCacheConfig:
     label = "DBCache"
 
     def validate(self) -> None:
-        _number("dbCacheThreshold", self.threshold, 0.0, 1.0)
-        _integer("front_blocks (Fn)", self.front_blocks, 1, 64)
-        _integer("back_blocks (Bn)", self.back_blocks, 0, 64)
-        _integer("dbCacheSkipInterval", self.refresh_interval, 1, MAX_REFRESH_INTERVAL)
+        check_number("dbCacheThreshold", self.threshold, limits.CACHE_THRESHOLD)
+        check_int("front_blocks (Fn)", self.front_blocks, limits.DBCACHE_FRONT_BLOCKS)
+        check_int("back_blocks (Bn)", self.back_blocks, limits.DBCACHE_BACK_BLOCKS)
+        check_int("dbCacheSkipInterval", self.refresh_interval, limits.CACHE_REFRESH_INTERVAL)
         self.window.validate()
 
     def tag(self) -> str:
@@ -218,6 +202,16 @@ class DBCacheConfig:
 
 
 BLOCK_CACHES = (FirstBlockCacheConfig, DBCacheConfig)
+
+
+def check_configs(configs: tuple, steps: int) -> None:
+    """Every check a set of caches needs, run before any model work: each config's own
+    ranges, the combination, and each window against the run's step count. torch-free, so
+    the Runware API refuses a bad task without building a cache session."""
+    check_combination(configs)
+    for config in configs:
+        config.validate()
+        config.window.resolve(steps)
 
 
 def check_combination(configs: tuple) -> None:

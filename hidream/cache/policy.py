@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from ... import kernels
-from ..sampling.runner import ForwardContext, TransformerRunner
-from .config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig, check_combination
+from ..forward.runner import ForwardContext, TransformerRunner
+from .config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig, check_configs
 
 _Sums = torch.Tensor | None  # fp32 [sum|cur - prev|, sum|prev|] from the kernels
 
@@ -69,7 +69,7 @@ def _same_shape(prev: torch.Tensor | None, cur: torch.Tensor) -> torch.Tensor | 
 @dataclass
 class StepRecord:
     """What one model call did. ``reused`` names the skipped parts: ``tea`` (whole transformer),
-    ``rest`` (FB: blocks after block 0), ``double`` / ``single`` (DB: that list's middle blocks).
+    ``remaining`` (FB: blocks after block 0), ``double`` / ``single`` (DB: that list's middle blocks).
     ``distances`` keeps the kernels' sums until read: reading syncs the device."""
 
     step: int
@@ -88,8 +88,8 @@ class StepRecord:
 @dataclass
 class _BlockState:
     prev_front: tuple[torch.Tensor, ...] | None = None
-    rest_img: torch.Tensor | None = None
-    rest_txt: torch.Tensor | None = None
+    remaining_img: torch.Tensor | None = None
+    remaining_txt: torch.Tensor | None = None
 
 
 @dataclass
@@ -110,7 +110,7 @@ class _Lane:
     branch: _Branch
     start: int
     stop: int
-    rec: StepRecord
+    record: StepRecord
 
     @property
     def rows(self) -> slice:
@@ -140,7 +140,7 @@ def _restrict(ctx: ForwardContext, lanes: list[_Lane], all_lanes: list[_Lane], *
     )
     rebased, at = [], 0
     for ln in lanes:
-        rebased.append(_Lane(ln.branch, at, at + ln.stop - ln.start, ln.rec))
+        rebased.append(_Lane(ln.branch, at, at + ln.stop - ln.start, ln.record))
         at += ln.stop - ln.start
     return cut, rebased, tuple(_take(t, index, batch) for t in streams)
 
@@ -159,9 +159,7 @@ class CacheSession:
         self.configs = tuple(configs)
         self.variant = variant
         self.steps = steps
-        check_combination(self.configs)
-        for config in self.configs:
-            config.validate()
+        check_configs(self.configs, steps)
         by_kind = {c.kind: c for c in self.configs}
         self.tea: TeaCacheConfig | None = by_kind.get("teacache")
         self.block: FirstBlockCacheConfig | DBCacheConfig | None = by_kind.get("fbcache") or by_kind.get(
@@ -203,9 +201,9 @@ class CacheSession:
         def run(runner: TransformerRunner, ctx: ForwardContext) -> torch.Tensor:
             made = []
             for name, start, stop in lanes:
-                rec = StepRecord(step=self._step, branch=name)
-                self.records.append(rec)
-                made.append(_Lane(self._branches.setdefault(name, _Branch()), start, stop, rec))
+                record = StepRecord(step=self._step, branch=name)
+                self.records.append(record)
+                made.append(_Lane(self._branches.setdefault(name, _Branch()), start, stop, record))
             return self._forward(runner, ctx, made)
 
         return run
@@ -220,7 +218,7 @@ class CacheSession:
             todo = []
             for ln in lanes:
                 if self._tea_decide(ctx, ln):
-                    ln.rec.reused = ("tea",)
+                    ln.record.reused = ("tea",)
                     for gate in ln.branch.gates.values():
                         gate.record(True)  # the block caches' blocks did not run either
                     parts[id(ln)] = kernels.add_residual(ctx.img[ln.rows], ln.branch.tea_residual)
@@ -236,10 +234,10 @@ class CacheSession:
         else:
             img, _ = runner.run_blocks(sub, 0, runner.num_blocks, sub.img, sub.txt)
             for ln in sub_lanes:
-                ln.rec.blocks_run = runner.num_blocks
+                ln.record.blocks_run = runner.num_blocks
         for orig, ln in zip(todo, sub_lanes, strict=True):
             if self.tea is not None:
-                ln.branch.gates["tea"].record(bool(ln.rec.reused))
+                ln.branch.gates["tea"].record(bool(ln.record.reused))
                 ln.branch.tea_residual, _ = kernels.residual_and_l1(img[ln.rows], sub.img[ln.rows], None)
             parts[id(orig)] = img[ln.rows]
         return _assemble(lanes, parts, img if len(todo) == len(lanes) else None)
@@ -265,43 +263,43 @@ class CacheSession:
         return ctx.img
 
     def _tea_decide(self, ctx: ForwardContext, ln: _Lane) -> bool:
-        b, rec = ln.branch, ln.rec
-        cur, gate = self._tea_input(ctx)[ln.rows], self._gate(b, "tea", self._windows["tea"])
-        prev, b.tea_prev = _same_shape(b.tea_prev, cur), cur
+        branch, record = ln.branch, ln.record
+        cur, gate = self._tea_input(ctx)[ln.rows], self._gate(branch, "tea", self._windows["tea"])
+        prev, branch.tea_prev = _same_shape(branch.tea_prev, cur), cur
         usable = (
             self.tea.distance > 0.0  # 0 = never skip
             and prev is not None
-            and b.tea_residual is not None
-            and b.tea_residual.shape == ctx.img[ln.rows].shape
+            and branch.tea_residual is not None
+            and branch.tea_residual.shape == ctx.img[ln.rows].shape
             and gate.may_reuse(self._step, self._forced)
         )
         if not usable:  # a computed call restarts the accumulation, as in TeaCache
-            b.tea_acc = 0.0
+            branch.tea_acc = 0.0
             return False
-        b.tea_acc += abs(float(np.polyval(self._poly, kernels.relative_l1(cur, prev))))
-        rec.distances["tea"] = b.tea_acc
-        if b.tea_acc < self.tea.distance:  # NaN compares False: computes
+        branch.tea_acc += abs(float(np.polyval(self._poly, kernels.relative_l1(cur, prev))))
+        record.distances["tea"] = branch.tea_acc
+        if branch.tea_acc < self.tea.distance:  # NaN compares False: computes
             return True
-        b.tea_acc = 0.0
+        branch.tea_acc = 0.0
         return False
 
     def _decide(self, name: str, ln: _Lane, sums: _Sums, threshold: float) -> bool:
         """One block-cache decision. 0 never reuses; 1.0 always does (cache-dit's "always
         similar"); the distance is read (a device sync) only when it decides something."""
-        b, rec = ln.branch, ln.rec
-        gate, state = self._gate(b, name, self._windows["block"]), b.states[name]
+        branch, record = ln.branch, ln.record
+        gate, state = self._gate(branch, name, self._windows["block"]), branch.states[name]
         if sums is not None:
-            rec.distances[name] = sums
+            record.distances[name] = sums
         hit = (
             sums is not None
-            and state.rest_img is not None
+            and state.remaining_img is not None
             and threshold > 0.0
             and gate.may_reuse(self._step, self._forced)
-            and (threshold >= 1.0 or rec.distance(name) < threshold)  # NaN compares False
+            and (threshold >= 1.0 or record.distance(name) < threshold)  # NaN compares False
         )
         gate.record(hit)
         if hit:
-            rec.reused += (name,)
+            record.reused += (name,)
         return hit
 
     def _first_block(
@@ -311,14 +309,14 @@ class CacheSession:
         parts: dict[int, torch.Tensor] = {}
         misses, fronts = [], {}
         for ln in lanes:
-            state = ln.branch.states.setdefault("rest", _BlockState())
-            ln.rec.blocks_run = 1
+            state = ln.branch.states.setdefault("remaining", _BlockState())
+            ln.record.blocks_run = 1
             prev = state.prev_front[0] if state.prev_front else None
             front, sums = kernels.residual_and_l1(
                 img1[ln.rows], ctx.img[ln.rows], _same_shape(prev, img1[ln.rows])
             )
-            if self._decide("rest", ln, sums, self.block.threshold):
-                parts[id(ln)] = kernels.add_residual(img1[ln.rows], state.rest_img)
+            if self._decide("remaining", ln, sums, self.block.threshold):
+                parts[id(ln)] = kernels.add_residual(img1[ln.rows], state.remaining_img)
             else:
                 misses.append(ln)
                 fronts[id(ln)] = front
@@ -327,10 +325,10 @@ class CacheSession:
         sub, sub_lanes, (s_img1, s_txt1) = _restrict(ctx, misses, lanes, img1, txt1)
         img, _ = runner.run_blocks(sub, 1, runner.num_blocks, s_img1, s_txt1)
         for orig, ln in zip(misses, sub_lanes, strict=True):
-            state = ln.branch.states["rest"]
-            ln.rec.blocks_run = runner.num_blocks
+            state = ln.branch.states["remaining"]
+            ln.record.blocks_run = runner.num_blocks
             state.prev_front = (fronts[id(orig)],)
-            state.rest_img, _ = kernels.residual_and_l1(img[ln.rows], s_img1[ln.rows], None)
+            state.remaining_img, _ = kernels.residual_and_l1(img[ln.rows], s_img1[ln.rows], None)
             parts[id(orig)] = img[ln.rows]
         return _assemble(lanes, parts, img if len(misses) == len(lanes) else None)
 
@@ -338,7 +336,7 @@ class CacheSession:
     def _segments(runner: TransformerRunner) -> dict[str, tuple[int, int]]:
         """cache-dit keeps one context per HiDream block list; so do we."""
         segments = {"double": (0, runner.num_double), "single": (runner.num_double, runner.num_blocks)}
-        return {name: (a, b) for name, (a, b) in segments.items() if b > a}
+        return {name: (start, stop) for name, (start, stop) in segments.items() if stop > start}
 
     def _db_cache(self, runner: TransformerRunner, ctx: ForwardContext, lanes: list[_Lane]) -> torch.Tensor:
         img, txt = ctx.img, ctx.txt
@@ -365,9 +363,9 @@ class CacheSession:
                 front = (front_img, front_txt)
                 sums = sums + sums_txt if sums is not None and sums_txt is not None else None
             if self._decide(name, ln, sums, cfg.threshold):
-                parts_img[id(ln)] = kernels.add_residual(li, state.rest_img)
-                parts_txt[id(ln)] = kernels.add_residual(lt, state.rest_txt)
-                ln.rec.blocks_run += (fn_end - start) + (end - bn_start)
+                parts_img[id(ln)] = kernels.add_residual(li, state.remaining_img)
+                parts_txt[id(ln)] = kernels.add_residual(lt, state.remaining_txt)
+                ln.record.blocks_run += (fn_end - start) + (end - bn_start)
             else:
                 misses.append(ln)
                 fronts[id(ln)] = front
@@ -378,9 +376,9 @@ class CacheSession:
             for orig, ln in zip(misses, sub_lanes, strict=True):
                 state = ln.branch.states[name]
                 state.prev_front = fronts[id(orig)]
-                state.rest_img, _ = kernels.residual_and_l1(m_img[ln.rows], s_img[ln.rows], None)
-                state.rest_txt, _ = kernels.residual_and_l1(m_txt[ln.rows], s_txt[ln.rows], None)
-                ln.rec.blocks_run += end - start
+                state.remaining_img, _ = kernels.residual_and_l1(m_img[ln.rows], s_img[ln.rows], None)
+                state.remaining_txt, _ = kernels.residual_and_l1(m_txt[ln.rows], s_txt[ln.rows], None)
+                ln.record.blocks_run += end - start
                 parts_img[id(orig)], parts_txt[id(orig)] = m_img[ln.rows], m_txt[ln.rows]
             if len(misses) == len(lanes):
                 whole_img, whole_txt = m_img, m_txt
@@ -396,7 +394,7 @@ class CacheSession:
         return [r.step for r in self.records if not r.reused]
 
     def reused_steps(self, part: str | None = None) -> list[int]:
-        """Steps of the calls that reused anything, or the given part (tea/rest/double/single)."""
+        """Steps of the calls that reused anything, or the given part (tea/remaining/double/single)."""
         return [r.step for r in self.records if (part in r.reused if part else r.reused)]
 
     def block_fraction(self, num_blocks: int) -> float:
@@ -422,11 +420,11 @@ class CacheSession:
         return f"{head} | " + " ".join(self._describe(r) for r in self.records)
 
     @staticmethod
-    def _describe(rec: StepRecord) -> str:
-        decision = "+".join(rec.reused) or "compute"
-        dists = [(k, rec.distance(k)) for k in list(rec.distances)]
+    def _describe(record: StepRecord) -> str:
+        decision = "+".join(record.reused) or "compute"
+        dists = [(k, record.distance(k)) for k in list(record.distances)]
         text = ",".join(f"{k}={v:.4g}" for k, v in dists if v is not None)
-        return f"{rec.step}:{decision}" + (f"@{text}" if text else "")
+        return f"{record.step}:{decision}" + (f"@{text}" if text else "")
 
 
 def open_cache_session(configs: tuple, variant: str, steps: int) -> CacheSession:

@@ -218,7 +218,7 @@ class LoraSession:
         self.specs = tuple(specs)
         self._plan: list[tuple[str, LoraSpec]] = []
         self._merging: list[str | None] = []  # per plan entry: None (live), COPY or PER_CALL
-        self._how = lora_apply.COPY  # how ``auto`` entries merge this session
+        self._auto_merge = lora_apply.COPY  # how ``auto`` entries merge this session
         self._slots = lora_apply.LayerSlots([])
         self._live: dict[str, float] = {}
         self._merged: dict[str, dict[str, float]] = {}  # how -> adapter -> weight
@@ -267,9 +267,11 @@ class LoraSession:
         or, for ``auto``, a copy when the copies of all merged layers fit in memory, else per call."""
         candidates = {a for a, s in self._plan if s.merge != "off" and s.weight != 0}
         if any(s.merge == "auto" and s.weight != 0 for _, s in self._plan):
-            self._how, why = lora_apply.choose_merge(lora_apply.touched(self._slots.layers, candidates))
-            log.info("LoRA merge_at_boundary auto: merged %s (%s)", self._how, why)
-        how = {"off": None, "on": lora_apply.COPY, "auto": self._how}
+            self._auto_merge, why = lora_apply.choose_merge(
+                lora_apply.touched(self._slots.layers, candidates)
+            )
+            log.info("LoRA merge_at_boundary auto: merged %s (%s)", self._auto_merge, why)
+        how = {"off": None, "on": lora_apply.COPY, "auto": self._auto_merge}
         return [how[s.merge] for _, s in self._plan]
 
     def weights_at(self, sigma: float) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

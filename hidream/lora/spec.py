@@ -7,7 +7,6 @@ adapter registry (``hidream.lora.session``) can free the adapters of files no sp
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import weakref
@@ -17,17 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGES = ("both", "high", "low")
-DEFAULT_STAGE = "both"
-DEFAULT_BOUNDARY = 0.875
-WEIGHT_RANGE = (-4.0, 4.0)
-MERGE_MODES = ("auto", "on", "off")
+from ..limits import (
+    DEFAULT_LORA_BOUNDARY,
+    DEFAULT_LORA_STAGE,
+    LORA_BOUNDARY,
+    LORA_MERGE_MODES,
+    LORA_STAGES,
+    LORA_WEIGHT,
+    check_choice,
+    check_number,
+)
+
+STAGES = LORA_STAGES
+DEFAULT_STAGE = DEFAULT_LORA_STAGE
+DEFAULT_BOUNDARY = DEFAULT_LORA_BOUNDARY
+MERGE_MODES = LORA_MERGE_MODES
 DEFAULT_MERGE = "auto"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def validate_lora(name: object, weight: object, stage: object, boundary: object) -> None:
@@ -39,24 +44,13 @@ def validate_lora(name: object, weight: object, stage: object, boundary: object)
             f"lora_name: {name!r} is not a .safetensors file; only .safetensors LoRAs are loaded "
             "(.ckpt/.pt/.bin files are pickles that can run code when opened)"
         )
-    lo, hi = WEIGHT_RANGE
-    if not _is_number(weight):
-        raise TypeError(f"weight: expected a number from {lo:g} to {hi:g}, got {weight!r}")
-    if not (math.isfinite(weight) and lo <= weight <= hi):
-        raise ValueError(
-            f"weight: {weight!r} is outside {lo:g}..{hi:g} (0 = no effect, negative = steer away)"
-        )
-    if stage not in STAGES:
-        raise ValueError(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
-    if not _is_number(boundary):
-        raise TypeError(f"boundary: expected a sigma strictly between 0 and 1, got {boundary!r}")
-    if not (math.isfinite(boundary) and 0.0 < boundary < 1.0):
-        raise ValueError(f"boundary: {boundary!r} is outside (0, 1); high = sigma >= boundary, low = below")
+    check_number("weight", weight, LORA_WEIGHT, " (0 = no effect, negative = steer away)")
+    check_choice("stage", stage, STAGES)
+    check_number("boundary", boundary, LORA_BOUNDARY, " (a sigma: high = sigma >= boundary, low = below)")
 
 
 def validate_merge(merge: object) -> None:
-    if merge not in MERGE_MODES:  # also refuses the booleans of older workflows, by name
-        raise ValueError(f"merge_at_boundary: {merge!r} is not one of {', '.join(MERGE_MODES)}")
+    check_choice("merge_at_boundary", merge, MERGE_MODES)  # also refuses older workflows' booleans
 
 
 def stage_includes(stage: str, sigma: float, boundary: float) -> bool:

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from .handle import HiDreamModel, TextEncoders, VaeHandle
-from .loading import (
-    _CACHE,
-    _Bundle,
-    _check_text_file,
-    _existing_file,
-    _finish,
-    _hf_dtype_kwargs,
-    _identity,
+from .building import (
+    SHARED,
+    Bundle,
     build_text_encoder,
+    check_text_file,
+    existing_file,
+    file_identity,
+    finish,
+    hf_dtype_kwargs,
     parse_device,
     parse_dtype,
     resolve_variant,
 )
+from .handle import HiDreamModel, TextEncoders, VaeHandle
 from .tokenizers import llama_tokenizer
 
 MODEL_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -73,7 +73,7 @@ def _check_folder(folder: Path, field: str, llama: Path | None) -> bool:
 def _load_text(folder: Path, dtype: torch.dtype, llama: Path | None, own_llama: bool) -> dict:
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, LlamaForCausalLM, T5EncoderModel
 
-    kw = {**_hf_dtype_kwargs(dtype), "use_safetensors": True}
+    kw = {**hf_dtype_kwargs(dtype), "use_safetensors": True}
     out = {
         "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **kw),
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw),
@@ -88,7 +88,7 @@ def _load_text(folder: Path, dtype: torch.dtype, llama: Path | None, own_llama: 
         out["tokenizer_4"] = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else llama_tokenizer()
         out["tokenizer_4"].pad_token = out["tokenizer_4"].eos_token
     else:
-        infos = _check_text_file("llama", llama)
+        infos = check_text_file("llama", llama)
         out["text_encoder_4"] = build_text_encoder("llama", llama, infos, dtype)
         out["tokenizer_4"] = llama_tokenizer()
     return out
@@ -111,13 +111,13 @@ def load_diffusers_folder(
         variant: ``full``/``dev``/``fast``, or None/``auto`` to detect it from the folder name.
     """
     folder = Path(path)
-    llama_path = _existing_file(llama, "llama") if llama else None
+    llama_path = existing_file(llama, "llama") if llama else None
     own_llama = _check_folder(folder, field, llama_path)
     dt, dev = parse_dtype(dtype), parse_device(device)
     var = resolve_variant(variant, folder.name)
     if llama_path is not None:
-        _check_text_file("llama", llama_path)
-    stamp = _identity(folder / "model_index.json")
+        check_text_file("llama", llama_path)
+    stamp = file_identity(folder / "model_index.json")
     key = (
         "diffusers",
         stamp,
@@ -125,10 +125,10 @@ def load_diffusers_folder(
         dt,
         str(dev),
         bool(offload),
-        _identity(llama_path) if llama_path else None,
+        file_identity(llama_path) if llama_path else None,
     )
 
-    def build() -> _Bundle:
+    def build() -> Bundle:
         from diffusers import AutoencoderKL, HiDreamImageTransformer2DModel
 
         kw = {"torch_dtype": dt, "use_safetensors": True}
@@ -137,14 +137,14 @@ def load_diffusers_folder(
         parts = _load_text(folder, dt, llama_path, own_llama)
         for module in parts.values():
             if isinstance(module, torch.nn.Module):
-                _finish(module, dev, offload)
+                finish(module, dev, offload)
         common = {"dtype": dt, "device": dev, "offload": bool(offload), "source": str(folder)}
-        return _Bundle(
+        return Bundle(
             (
-                HiDreamModel(transformer=_finish(transformer, dev, offload), variant=var, **common),
+                HiDreamModel(transformer=finish(transformer, dev, offload), variant=var, **common),
                 TextEncoders(**parts, **common),
-                VaeHandle(vae=_finish(vae, dev, offload), **common),
+                VaeHandle(vae=finish(vae, dev, offload), **common),
             )
         )
 
-    return _CACHE.get(("diffusers", field), key, build).items
+    return SHARED.get(("diffusers", field), key, build).items

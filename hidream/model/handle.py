@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-VARIANTS = ("full", "dev", "fast")
-
 
 @dataclass(frozen=True)
 class HiDreamModel:
@@ -34,7 +32,7 @@ class HiDreamModel:
             optionally TeaCache.
         source: where the weights came from, for logs and errors.
         compile: ``off`` or ``blocks`` (regional torch.compile of the blocks while sampling,
-            ``hidream.sampling.compile``); the shared transformer itself is never compiled in place.
+            ``hidream.forward.compile``); the shared transformer itself is never compiled in place.
     """
 
     transformer: Any

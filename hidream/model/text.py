@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..limits import MAX_SEQUENCE_LENGTH, check_int
 from .devices import on_device
 from .handle import TextEncoders
-
-MAX_SEQUENCE_LENGTH_RANGE = (1, 512)
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,7 @@ def validate_prompts(positive: object, negative: object, max_sequence_length: ob
             raise TypeError(f"{field}: expected a string, got {type(value).__name__} {value!r}")
     if not positive.strip():
         raise ValueError("positive: the prompt is empty; write what the image should show")
-    lo, hi = MAX_SEQUENCE_LENGTH_RANGE
-    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
-        raise TypeError(f"max_sequence_length: expected an integer {lo}..{hi}, got {max_sequence_length!r}")
-    if not lo <= max_sequence_length <= hi:
-        raise ValueError(f"max_sequence_length: {max_sequence_length} is outside {lo}..{hi}")
+    check_int("max_sequence_length", max_sequence_length, MAX_SEQUENCE_LENGTH)
 
 
 def _encode_one(pipe, enc: TextEncoders, prompts: tuple[str, str, str, str], max_len: int) -> PromptEmbeds:

@@ -3,7 +3,7 @@
 ``comfy.ldm.hidream.model.HiDreamImageTransformer2DModel._forward`` runs all its blocks in
 one loop and offers no block-level patch point; its whole forward runs through the
 DIFFUSION_MODEL wrapper. ``NativeRunner`` gives the cache policies (``hidream.cache.policy``) the
-interface of ``hidream.sampling.runner.TransformerRunner`` (``prepare`` -> ``run_blocks`` ->
+interface of ``hidream.forward.runner.TransformerRunner`` (``prepare`` -> ``run_blocks`` ->
 ``finish``) over ComfyUI's own modules, doing the same operations in the same order as
 ``_forward``, so a policy that runs every block returns ComfyUI's output bit for bit (tested).
 It reads ComfyUI's module at call time and keeps no per-call state.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling.runner import ForwardContext
+from ..forward.runner import ForwardContext
 
 
 @dataclass

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import torch
 
+from ..limits import STEPS, check_int
 from ..sampling.schedulers import SchedulerSpec, make_sampler
 
 
 def sampler_sigmas(name: str, shift: float | None, steps: int, variant: str) -> torch.Tensor:
     """The SIGMAS for ``name`` (validated): the sampler's schedule with the first set to 1.0."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps: {steps!r} is outside the allowed range 1..1000")
+    try:
+        check_int("steps", steps, STEPS)
+    except TypeError as exc:  # the node reports every bad input as a ValueError
+        raise ValueError(str(exc)) from None
     sigmas = make_sampler(SchedulerSpec(name, shift), variant, steps).sigmas.to(torch.float32).clone()
     sigmas[0] = 1.0
     return sigmas

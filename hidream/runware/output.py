@@ -33,6 +33,16 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import host
+from ..limits import (
+    DELIVERY_METHODS,
+    OUTPUT_FORMATS,
+    OUTPUT_TYPES,
+    QUALITY,
+    TTL,
+    check_choice,
+    check_int,
+    problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +52,6 @@ BASE_URL_ENV = "HIDREAM_VIEW_BASE_URL"
 TTL_SUFFIX = ".ttl.json"
 PACK_MARKER = "comfyui-hidream-i1"
 PNG_COMPRESS_LEVEL = 4
-QUALITY_RANGE = (20, 99)
 JPEG_EXIF_MAX = 65000  # an APP1 segment holds at most 65533 bytes
 # outputFormat -> (Pillow format, file extension, MIME type)
 FORMATS = {
@@ -50,7 +59,6 @@ FORMATS = {
     "PNG": ("PNG", "png", "image/png"),
     "WEBP": ("WEBP", "webp", "image/webp"),
 }
-OUTPUT_TYPES = ("URL", "dataURI", "base64Data")
 _EXIF_IFD = 0x8769
 _TAG_DESCRIPTION, _TAG_MAKE, _TAG_MODEL, _TAG_USER_COMMENT = 0x010E, 0x010F, 0x0110, 0x9286
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -113,11 +121,20 @@ def to_uint8_images(images: Any) -> list[np.ndarray]:
 
 
 def _check_format(output_format: str, quality: int) -> None:
-    if output_format not in FORMATS:
-        raise ValueError(f"outputFormat: got {output_format!r}; expected one of {', '.join(FORMATS)}")
-    lo, hi = QUALITY_RANGE
-    if isinstance(quality, bool) or not isinstance(quality, int) or not lo <= quality <= hi:
-        raise ValueError(f"outputQuality: got {quality!r}; expected an integer from {lo} to {hi}")
+    check_choice("outputFormat", output_format, OUTPUT_FORMATS)
+    try:
+        check_int("outputQuality", quality, QUALITY)
+    except TypeError as exc:  # one exception type for every output setting
+        raise ValueError(str(exc)) from None
+
+
+def _check_ttl(ttl: Any) -> None:
+    """None (keep forever) or at least Runware's floor, in seconds."""
+    if ttl is not None:
+        try:
+            check_int("ttl", ttl, TTL, " (seconds), or none")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _png_info(meta: ImageMetadata) -> PngInfo:
@@ -219,12 +236,10 @@ def save_image(
 
     With ``ttl`` (seconds) a sidecar records the expiry for ``cleanup_expired``.
     """
-    if output_format not in FORMATS:
-        raise ValueError(f"outputFormat: got {output_format!r}; expected one of {', '.join(FORMATS)}")
-    if not _PREFIX_RE.match(prefix):
-        raise ValueError(f"filename_prefix: got {prefix!r}; expected 1..64 letters, digits, '_' or '-'")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 60):
-        raise ValueError(f"ttl: got {ttl!r}; expected an integer >= 60 (seconds) or None")
+    check_choice("outputFormat", output_format, OUTPUT_FORMATS)
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(problem("filename_prefix", prefix, "1..64 letters, digits, '_' or '-'"))
+    _check_ttl(ttl)
     image_uuid = image_uuid or str(uuid.uuid4())
     folder = Path(root) / subfolder
     folder.mkdir(parents=True, exist_ok=True)
@@ -306,8 +321,7 @@ def build_response(
     cost: float | None = None,
 ) -> dict:
     """One Runware-format result: taskType, taskUUID, imageUUID, the image field, seed, cost."""
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"outputType: got {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
+    check_choice("outputType", output_type, OUTPUT_TYPES)
     out: dict[str, Any] = {"taskType": task_type, "taskUUID": task_uuid, "imageUUID": saved.image_uuid}
     if output_type == "URL":
         out["imageURL"] = image_url(saved, base_url)
@@ -360,26 +374,17 @@ class PublishOptions:
         from .delivery import redact_url, url_problem
 
         _check_format(self.output_format, self.output_quality)
-        if self.output_type not in OUTPUT_TYPES:
-            raise ValueError(
-                f"outputType: got {self.output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}"
-            )
-        if self.delivery_method not in ("sync", "async"):
-            raise ValueError(f"deliveryMethod: got {self.delivery_method!r}; expected sync or async")
+        check_choice("outputType", self.output_type, OUTPUT_TYPES)
+        check_choice("deliveryMethod", self.delivery_method, DELIVERY_METHODS)
         for name, url in (("uploadEndpoint", self.upload_endpoint), ("webhookURL", self.webhook_url)):
-            problem = url_problem(url) if url else None
-            if problem:
-                raise ValueError(
-                    f"{name}: got {redact_url(url)!r}; expected an http:// or https:// URL ({problem})"
-                )
+            trouble = url_problem(url) if url else None
+            if trouble:
+                raise ValueError(problem(name, redact_url(url), f"an http:// or https:// URL ({trouble})"))
         if self.delivery_method == "async" and not (self.upload_endpoint or self.webhook_url):
             raise ValueError(
-                "deliveryMethod: got 'async'; expected 'sync' unless webhookURL or uploadEndpoint is given"
+                problem("deliveryMethod", "async", "sync, unless webhookURL or uploadEndpoint is given")
             )
-        if self.ttl is not None and (
-            isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 60
-        ):
-            raise ValueError(f"ttl: got {self.ttl!r}; expected an integer >= 60 (seconds) or none")
+        _check_ttl(self.ttl)
 
 
 @dataclass

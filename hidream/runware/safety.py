@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..limits import SAFETY_MASK_METHODS, SAFETY_MODES, SAFETY_THRESHOLD, check_choice, check_number
 from .output import to_uint8_images
 
-SAFETY_MODES = ("none", "fast")
-MASK_METHODS = ("blur", "black")
 NSFW_LABELS = frozenset(
     {
         "FEMALE_GENITALIA_EXPOSED",
@@ -45,7 +43,6 @@ NSFW_LABELS = frozenset(
     }
 )
 DEFAULT_THRESHOLD = 0.4
-THRESHOLD_RANGE = (0.2, 1.0)  # NudeNet never returns a detection scored under 0.2
 BLUR_CELLS = 8  # "blur" keeps an 8-cell colour field on the long side: nothing recognisable
 INSTALL_HINT = (
     "pip install nudenet (into ComfyUI's Python), or install this pack with its [safety] extra; "
@@ -112,26 +109,16 @@ def load_detector() -> Any:
 
 
 def validate_mode(mode: Any) -> str:
-    if mode not in SAFETY_MODES:
-        raise ValueError(f"safety.mode: got {mode!r}; expected one of {', '.join(SAFETY_MODES)}")
-    return mode
+    return check_choice("safety.mode", mode, SAFETY_MODES)
 
 
 def validate_method(method: Any) -> str:
-    if method not in MASK_METHODS:
-        raise ValueError(f"mask_method: got {method!r}; expected one of {', '.join(MASK_METHODS)}")
-    return method
+    return check_choice("mask_method", method, SAFETY_MASK_METHODS)
 
 
 def validate_threshold(threshold: Any) -> float:
-    lo, hi = THRESHOLD_RANGE
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold: got {threshold!r}; expected a number in {lo}..{hi}")
-    if math.isnan(threshold) or not lo <= threshold <= hi:
-        raise ValueError(
-            f"threshold: got {threshold!r}; expected {lo}..{hi} (NudeNet returns no detection under {lo})"
-        )
-    return float(threshold)
+    note = f" (NudeNet returns no detection under {SAFETY_THRESHOLD.lo:g})"
+    return check_number("threshold", threshold, SAFETY_THRESHOLD, note)
 
 
 def _as_uint8_list(images: Any) -> list[np.ndarray]:

@@ -11,8 +11,8 @@ Choices the spec leaves open (documented in the README):
 - Integers given as integral floats (``30.0``) are accepted as ``30``; ``30.5`` is not.
   Booleans are never numbers, numbers are never booleans, strings are never numbers.
 - ``positivePrompt``: 1..3000 characters, not only whitespace; ``negativePrompt``: 0..3000.
-- ``steps`` <= 1000 and ``CFGScale`` <= 100, the sampler's own limits
-  (``hidream.sampling.loop.MAX_STEPS`` / ``MAX_CFG``), so a valid task never fails there.
+- ``steps`` <= 1000 and ``CFGScale`` <= 100: every range comes from ``hidream.limits``, the
+  same one the sampler checks, so a valid task never fails there.
 - ``CFGScale`` defaults to 5.0 (HiDream-I1 Full's published guidance scale); ``steps`` 30.
 - ``scheduler`` defaults to ``Default`` (the model's own scheduler).
 - An absent ``seed`` is drawn at parse time from 0..2**32-1 and returned in ``Task.seed``.
@@ -24,39 +24,45 @@ Choices the spec leaves open (documented in the README):
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
 import secrets
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import limits
+from ..limits import (
+    BATCH,
+    CACHE_THRESHOLD,
+    CFG,
+    DEFAULT_CFG,
+    DEFAULT_QUALITY,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    DELIVERY_METHODS,
+    LORA_STAGES,
+    LORA_WEIGHT,
+    OUTPUT_FORMATS,
+    OUTPUT_TYPES,
+    PROMPT_MAX_CHARS,
+    QUALITY,
+    RANDOM_SEED_MAX,
+    SAFETY_MODES,
+    SCHEDULER_NAMES,
+    SEED,
+    SIZE,
+    STEPS,
+    TTL,
+    Range,
+    as_int,
+    describe_choices,
+    problem,
+)
 from .delivery import redact_url, url_problem
 
 TASK_TYPE = "imageInference"
 MODEL_AIR = "runware:97@1"  # HiDream-I1 Full
-SEED_MAX = 9223372036854775807
-RANDOM_SEED_MAX = 2**32 - 1
-PROMPT_MAX_CHARS = 3000
-SIZE_MIN, SIZE_MAX, SIZE_STEP = 128, 2048, 16
-STEPS_MAX = 1000
-CFG_MAX = 100.0
-DEFAULT_STEPS = 30
-DEFAULT_CFG = 5.0
-DEFAULT_SIZE = 1024
-RESULTS_MAX = 20
-QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY = 20, 99, 95
-TTL_MIN = 60
-LORA_WEIGHT_MAX = 4.0
-SKIP_INTERVAL_MAX = 1000  # hidream.cache.config.MAX_REFRESH_INTERVAL: the engine's own limit
-OUTPUT_TYPES = ("URL", "dataURI", "base64Data")
-OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
-DELIVERY_METHODS = ("sync", "async")
-LORA_STAGES = ("high", "low", "both")
-SAFETY_MODES = ("none", "fast")
 
 _MISSING = object()
 
@@ -263,29 +269,14 @@ _TASK_KEYS = [
 ]
 
 
-def _show(value: Any) -> str:
-    """A value for an error message, short enough to read."""
-    text = json.dumps(value) if isinstance(value, (str, bool, int, float, type(None))) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _suggest(value: Any, allowed: Sequence[str]) -> str | None:
-    """The allowed name the user probably meant: same letters in another case, else a close spelling."""
-    text = str(value)
-    same = [name for name in allowed if name.lower() == text.lower()]
-    close = difflib.get_close_matches(text, list(allowed), n=1, cutoff=0.7)
-    return (same or close or [None])[0]
-
-
 class _Checker:
     """Reads fields of one JSON object, collecting every error instead of stopping at the first."""
 
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
 
-    def fail(self, path: str, value: Any, expected: str) -> None:
-        got = "missing" if value is _MISSING else f"got {_show(value)}"
-        self.errors.append(f"{path}: {got}; expected {expected}")
+    def fail(self, path: str, value: Any, allowed: str) -> None:
+        self.errors.append(problem(path, value, allowed, missing=value is _MISSING))
 
     def obj(self, value: Any, path: str, allowed: list[str]) -> dict | None:
         if not isinstance(value, dict):
@@ -293,33 +284,31 @@ class _Checker:
             return None
         for key in value:
             if key not in allowed:
-                hint = _suggest(key, allowed)
+                hint = limits.suggest(key, allowed)
                 hint = f"; did you mean {hint!r}?" if hint else ""
                 where = f"{path}.{key}" if path else str(key)
                 self.errors.append(f"{where}: unknown field; allowed fields: {', '.join(allowed)}{hint}")
         return value
 
-    def integer(self, data: dict, key: str, path: str, lo: int, hi: int | None, default: Any) -> Any:
+    def integer(self, data: dict, key: str, path: str, bounds: Range, default: Any) -> Any:
         value = data.get(key, _MISSING)
-        expected = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
+        allowed = bounds.describe(integer=True) + bounds.nearest(value)
         if value is _MISSING:
             if default is _MISSING:
-                self.fail(path, value, expected)
+                self.fail(path, value, allowed)
             return default
-        number = _as_int(value)
-        if number is None or number < lo or (hi is not None and number > hi):
-            self.fail(path, value, expected)
+        number = as_int(value)
+        if number is None or number not in bounds:
+            self.fail(path, value, allowed)
             return None
         return number
 
-    def number(self, data: dict, key: str, path: str, lo: float, hi: float, default: Any) -> Any:
+    def number(self, data: dict, key: str, path: str, bounds: Range, default: Any) -> Any:
         value = data.get(key, _MISSING)
         if value is _MISSING:
             return default
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        ok = ok or (isinstance(value, float) and math.isfinite(value))
-        if not ok or not lo <= value <= hi:
-            self.fail(path, value, f"a number from {lo:g} to {hi:g}")
+        if not limits.is_number(value) or value not in bounds:
+            self.fail(path, value, bounds.describe(integer=False))
             return None
         return float(value)
 
@@ -336,13 +325,10 @@ class _Checker:
         value = data.get(key, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
-                self.fail(path, value, f"one of {', '.join(allowed)}")
+                self.fail(path, value, describe_choices(allowed))
             return default
-        if value not in allowed or not isinstance(value, str):
-            hint = _suggest(value, allowed)
-            hint = f" (did you mean {hint!r}?)" if hint else ""
-            listed = ", ".join(allowed) if len(allowed) <= 8 else f"one of the {len(allowed)} allowed names"
-            self.fail(path, value, f"one of {listed}{hint}")
+        if not isinstance(value, str) or value not in allowed:
+            self.fail(path, value, describe_choices(allowed, value))
             return None
         return value
 
@@ -393,23 +379,6 @@ def _lone_surrogate(text: str) -> int | None:
     return None
 
 
-def _as_int(value: Any) -> int | None:
-    """An int from a JSON number; integral floats count, booleans never do."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _scheduler_names() -> tuple[str, ...]:
-    from ..sampling.schedulers import SCHEDULER_NAMES  # lazy: the scheduler table is large and optional here
-
-    return tuple(SCHEDULER_NAMES)
-
-
 def _parse_lora(check: _Checker, value: Any) -> tuple[TaskLora, ...]:
     if not isinstance(value, list) or not value:
         check.fail("lora", value, "an array of at least 1 object {model, weight, transformer}")
@@ -425,7 +394,7 @@ def _parse_lora(check: _Checker, value: Any) -> tuple[TaskLora, ...]:
             check.fail(f"{path}.model", name, "a non-empty LoRA name")
         elif check.unicode(name, f"{path}.model") is None:
             name = None
-        weight = check.number(entry, "weight", f"{path}.weight", -LORA_WEIGHT_MAX, LORA_WEIGHT_MAX, 1.0)
+        weight = check.number(entry, "weight", f"{path}.weight", LORA_WEIGHT, 1.0)
         stage = check.choice(entry, "transformer", f"{path}.transformer", LORA_STAGES, "both")
         if isinstance(name, str) and name.strip() and weight is not None and stage is not None:
             out.append(TaskLora(model=name, weight=weight, transformer=stage))
@@ -460,24 +429,38 @@ def _parse_accelerator(check: _Checker, value: Any, steps: int | None) -> Accele
     before = len(check.errors)
     got = {
         "fb_cache": check.boolean(data, "fbCache", p + "fbCache", False),
-        "fb_cache_threshold": check.number(data, "fbCacheThreshold", p + "fbCacheThreshold", 0.0, 1.0, 0.25),
-        "tea_cache": check.boolean(data, "teaCache", p + "teaCache", False),
-        "tea_cache_distance": check.number(data, "teaCacheDistance", p + "teaCacheDistance", 0.0, 1.0, 0.5),
-        "db_cache": check.boolean(data, "dbCache", p + "dbCache", False),
-        "db_cache_threshold": check.number(data, "dbCacheThreshold", p + "dbCacheThreshold", 0.0, 1.0, 0.25),
-        "db_cache_skip_interval": check.integer(
-            data, "dbCacheSkipInterval", p + "dbCacheSkipInterval", 1, SKIP_INTERVAL_MAX, 5
+        "fb_cache_threshold": check.number(
+            data, "fbCacheThreshold", p + "fbCacheThreshold", CACHE_THRESHOLD, 0.25
         ),
-        "cache_start_step": check.integer(data, "cacheStartStep", p + "cacheStartStep", 0, None, None),
-        "cache_end_step": check.integer(data, "cacheEndStep", p + "cacheEndStep", 1, None, None),
+        "tea_cache": check.boolean(data, "teaCache", p + "teaCache", False),
+        "tea_cache_distance": check.number(
+            data, "teaCacheDistance", p + "teaCacheDistance", CACHE_THRESHOLD, 0.5
+        ),
+        "db_cache": check.boolean(data, "dbCache", p + "dbCache", False),
+        "db_cache_threshold": check.number(
+            data, "dbCacheThreshold", p + "dbCacheThreshold", CACHE_THRESHOLD, 0.25
+        ),
+        "db_cache_skip_interval": check.integer(
+            data, "dbCacheSkipInterval", p + "dbCacheSkipInterval", limits.CACHE_REFRESH_INTERVAL, 5
+        ),
+        "cache_start_step": check.integer(
+            data, "cacheStartStep", p + "cacheStartStep", limits.CACHE_START_STEP, None
+        ),
+        "cache_end_step": check.integer(
+            data, "cacheEndStep", p + "cacheEndStep", limits.CACHE_END_STEP, None
+        ),
         "cache_start_step_percentage": check.integer(
-            data, "cacheStartStepPercentage", p + "cacheStartStepPercentage", 0, 99, None
+            data, "cacheStartStepPercentage", p + "cacheStartStepPercentage", limits.CACHE_START_PERCENT, None
         ),
         "cache_end_step_percentage": check.integer(
-            data, "cacheEndStepPercentage", p + "cacheEndStepPercentage", 1, 100, None
+            data, "cacheEndStepPercentage", p + "cacheEndStepPercentage", limits.CACHE_END_PERCENT, None
         ),
         "cache_max_consecutive_steps": check.integer(
-            data, "cacheMaxConsecutiveSteps", p + "cacheMaxConsecutiveSteps", 1, 5, 3
+            data,
+            "cacheMaxConsecutiveSteps",
+            p + "cacheMaxConsecutiveSteps",
+            limits.CACHE_MAX_CONSECUTIVE,
+            limits.DEFAULT_CACHE_MAX_CONSECUTIVE,
         ),
     }
     if got["fb_cache"] and got["db_cache"]:
@@ -489,7 +472,7 @@ def _parse_accelerator(check: _Checker, value: Any, steps: int | None) -> Accele
     percent = [k for k in ("cacheStartStepPercentage", "cacheEndStepPercentage") if k in data]
     if absolute and percent:
         check.errors.append(
-            f"{p}{percent[0]}: got {_show(data[percent[0]])} together with {', '.join(absolute)}; "
+            f"{p}{percent[0]}: got {limits.show(data[percent[0]])} together with {', '.join(absolute)}; "
             "expected either absolute steps or percentages, not both"
         )
     start, end = got["cache_start_step"], got["cache_end_step"]
@@ -534,33 +517,27 @@ def _parse_one(raw: Any, errors: list[str]) -> Task | None:
     v: dict[str, Any] = {
         "positive_prompt": check.text(data, "positivePrompt", "positivePrompt", 1, _MISSING),
         "negative_prompt": check.text(data, "negativePrompt", "negativePrompt", 0, ""),
-        "steps": check.integer(data, "steps", "steps", 1, STEPS_MAX, DEFAULT_STEPS),
-        "cfg_scale": check.number(data, "CFGScale", "CFGScale", 0.0, CFG_MAX, DEFAULT_CFG),
-        "number_results": check.integer(data, "numberResults", "numberResults", 1, RESULTS_MAX, 1),
+        "steps": check.integer(data, "steps", "steps", STEPS, DEFAULT_STEPS),
+        "cfg_scale": check.number(data, "CFGScale", "CFGScale", CFG, DEFAULT_CFG),
+        "number_results": check.integer(data, "numberResults", "numberResults", BATCH, 1),
         "output_type": check.choice(data, "outputType", "outputType", OUTPUT_TYPES, "URL"),
         "output_format": check.choice(data, "outputFormat", "outputFormat", OUTPUT_FORMATS, "JPG"),
-        "output_quality": check.integer(
-            data, "outputQuality", "outputQuality", QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY
-        ),
+        "output_quality": check.integer(data, "outputQuality", "outputQuality", QUALITY, DEFAULT_QUALITY),
         "delivery_method": check.choice(data, "deliveryMethod", "deliveryMethod", DELIVERY_METHODS, "sync"),
         "webhook_url": check.url(data, "webhookURL", "webhookURL"),
         "upload_endpoint": check.url(data, "uploadEndpoint", "uploadEndpoint"),
-        "ttl": check.integer(data, "ttl", "ttl", TTL_MIN, None, None),
+        "ttl": check.integer(data, "ttl", "ttl", TTL, None),
         "include_cost": check.boolean(data, "includeCost", "includeCost", False),
     }
     for key in ("width", "height"):
-        size = check.integer(data, key, key, SIZE_MIN, SIZE_MAX, DEFAULT_SIZE)
-        if size is not None and size % SIZE_STEP:
-            lower = size // SIZE_STEP * SIZE_STEP
-            check.fail(key, data[key], f"a multiple of {SIZE_STEP} (nearest: {lower} or {lower + SIZE_STEP})")
-        v[key] = size
+        v[key] = check.integer(data, key, key, SIZE, DEFAULT_SIZE)
     seed = data.get("seed", _MISSING)
     was_random = seed is _MISSING
-    v["seed"] = secrets.randbelow(RANDOM_SEED_MAX + 1) if was_random else _as_int(seed)
-    if v["seed"] is None or not 0 <= v["seed"] <= SEED_MAX:
-        check.fail("seed", seed, f"an integer from 0 to {SEED_MAX}")
+    v["seed"] = secrets.randbelow(RANDOM_SEED_MAX + 1) if was_random else as_int(seed)
+    if v["seed"] is None or v["seed"] not in SEED:
+        check.fail("seed", seed, SEED.describe(integer=True))
     if "scheduler" in data:
-        v["scheduler"] = check.choice(data, "scheduler", "scheduler", _scheduler_names(), _MISSING)
+        v["scheduler"] = check.choice(data, "scheduler", "scheduler", SCHEDULER_NAMES, _MISSING)
     if "lora" in data:
         v["lora"] = _parse_lora(check, data["lora"])
     if "safety" in data:
@@ -652,7 +629,7 @@ def parse_tasks(data: str | bytes | dict | list) -> list[Task]:
         return [task]
     if not isinstance(data, list) or not data:
         raise TaskValidationError(
-            [f"task: got {_show(data)}; expected a task object or a non-empty array of them"]
+            [f"task: got {limits.show(data)}; expected a task object or a non-empty array of them"]
         )
     all_errors: list[str] = []
     tasks: list[Task] = []
@@ -664,7 +641,7 @@ def parse_tasks(data: str | bytes | dict | list) -> list[Task]:
         uid = raw.get("taskUUID") if isinstance(raw, dict) else None
         if isinstance(uid, str) and uid.lower() in seen:
             all_errors.append(
-                f"tasks[{i}].taskUUID: got {_show(uid)}; expected a UUID not already used by tasks[{seen[uid.lower()]}]"
+                f"tasks[{i}].taskUUID: got {limits.show(uid)}; expected a UUID not already used by tasks[{seen[uid.lower()]}]"
             )
         elif isinstance(uid, str):
             seen[uid.lower()] = i

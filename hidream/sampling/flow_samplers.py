@@ -59,22 +59,22 @@ def _dpmpp_first_order(x: torch.Tensor, t: float, s: float, denoised: torch.Tens
     return (s / t) * x + ((1.0 - s) - s * (1.0 - t) / t) * denoised
 
 
-def ddim(ev: Velocity, x, sig, noise, on_step):
+def ddim(velocity: Velocity, x, sigmas, noise, on_step):
     """DDIM, eta 0: x0 and eps from the model, re-mixed at the next sigma (equals flow Euler)."""
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        v = ev(x, t)
+        v = velocity(x, t)
         x = (1.0 - s) * _x0(x, t, v) + s * _eps(x, t, v)
     return x
 
 
-def euler_ancestral(ev: Velocity, x, sig, noise, on_step):
+def euler_ancestral(velocity: Velocity, x, sigmas, noise, on_step):
     """Euler to t_down, rescale, add noise: k-diffusion's Euler ancestral on the flow path (eta 1)."""
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        v = ev(x, t)
+        v = velocity(x, t)
         t_down, k, c = ancestral_split(t, s)
         x = k * (x + (t_down - t) * v)
         if c > 0:
@@ -82,12 +82,12 @@ def euler_ancestral(ev: Velocity, x, sig, noise, on_step):
     return x
 
 
-def ddpm(ev: Velocity, x, sig, noise, on_step):
+def ddpm(velocity: Velocity, x, sigmas, noise, on_step):
     """DDPM ancestral sampling: draw x_s from q(x_s | x_t, x0 = model's x0) (posterior variance)."""
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        v = ev(x, t)
+        v = velocity(x, t)
         x0, eps = _x0(x, t, v), _eps(x, t, v)
         _, _, c = ancestral_split(t, s)
         x = (1.0 - s) * x0 + math.sqrt(max(0.0, s * s - c * c)) * eps
@@ -96,30 +96,30 @@ def ddpm(ev: Velocity, x, sig, noise, on_step):
     return x
 
 
-def _dpm2_step(ev: Velocity, x, t: float, s: float, v: torch.Tensor) -> torch.Tensor:
+def _dpm2_step(velocity: Velocity, x, t: float, s: float, v: torch.Tensor) -> torch.Tensor:
     """KDPM2's midpoint step: the derivative at the geometric-mean sigma (Euler into sigma 0)."""
     if s <= 0.0:
         return x + (s - t) * v
     t_mid = math.sqrt(t * s)
-    v_mid = ev(x + (t_mid - t) * v, t_mid)
+    v_mid = velocity(x + (t_mid - t) * v, t_mid)
     return x + (s - t) * v_mid
 
 
-def dpm2(ev: Velocity, x, sig, noise, on_step):
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+def dpm2(velocity: Velocity, x, sigmas, noise, on_step):
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        x = _dpm2_step(ev, x, t, s, ev(x, t))
+        x = _dpm2_step(velocity, x, t, s, velocity(x, t))
     return x
 
 
-def dpm2_ancestral(ev: Velocity, x, sig, noise, on_step):
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+def dpm2_ancestral(velocity: Velocity, x, sigmas, noise, on_step):
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        v = ev(x, t)
+        v = velocity(x, t)
         t_down, k, c = ancestral_split(t, s)
-        x = k * _dpm2_step(ev, x, t, t_down, v)
+        x = k * _dpm2_step(velocity, x, t, t_down, v)
         if c > 0:
             x = x + c * noise()
     return x
@@ -131,7 +131,7 @@ def _ancestral_move(x, t: float, s: float, denoised: torch.Tensor, noise: NoiseF
     return x + c * noise() if c > 0 else x
 
 
-def dpmpp_sde(ev: Velocity, x, sig, noise, on_step):
+def dpmpp_sde(velocity: Velocity, x, sigmas, noise, on_step):
     """DPM-Solver++(2S) SDE (k-diffusion's ``sample_dpmpp_sde``, eta 1, r = 1/2) in flow half-log-SNR.
 
     Each step: an ancestral move to the log-SNR midpoint with the model's x0, a second evaluation
@@ -139,10 +139,10 @@ def dpmpp_sde(ev: Velocity, x, sig, noise, on_step):
     sub-step (k-diffusion uses a Brownian tree; the marginals are the same). The first step from
     t = 1 (log-SNR -inf, no midpoint) and the last step into 0 are first-order.
     """
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        v = ev(x, t)
+        v = velocity(x, t)
         x0 = _x0(x, t, v)
         if s <= 0.0:
             x = x0
@@ -153,12 +153,12 @@ def dpmpp_sde(ev: Velocity, x, sig, noise, on_step):
         lam_t, lam_s = math.log((1.0 - t) / t), math.log((1.0 - s) / s)
         t_mid = 1.0 / (1.0 + math.exp(lam_t + 0.5 * (lam_s - lam_t)))
         x_mid = _ancestral_move(x, t, t_mid, x0, noise)
-        x0_mid = _x0(x_mid, t_mid, ev(x_mid, t_mid))
+        x0_mid = _x0(x_mid, t_mid, velocity(x_mid, t_mid))
         x = _ancestral_move(x, t, s, x0_mid, noise)
     return x
 
 
-def dpmpp_3m_sde(ev: Velocity, x, sig, noise, on_step):
+def dpmpp_3m_sde(velocity: Velocity, x, sigmas, noise, on_step):
     """DPM-Solver++(3M) SDE, eta 1 (k-diffusion's ``sample_dpmpp_3m_sde``) on the flow path.
 
     Works on ``y = x / alpha_t`` (the VE variable) and half-log-SNR ``lambda = log((1 - t) / t)``:
@@ -170,10 +170,10 @@ def dpmpp_3m_sde(ev: Velocity, x, sig, noise, on_step):
     The step out of t = 1 (lambda = -inf) is the exact first-order one and starts no history.
     """
     hist: list[tuple[torch.Tensor, float]] = []  # (x0, h of the step that followed it), newest first
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        x0 = _x0(x, t, ev(x, t))
+        x0 = _x0(x, t, velocity(x, t))
         if s <= 0.0:
             x = x0
             continue
@@ -202,13 +202,13 @@ def dpmpp_3m_sde(ev: Velocity, x, sig, noise, on_step):
     return x
 
 
-def ipndm(ev: Velocity, x, sig, noise, on_step):
+def ipndm(velocity: Velocity, x, sigmas, noise, on_step):
     """iPNDM: Adams-Bashforth with the fixed equal-step coefficients, warming up from order 1 to 4."""
     hist: list[torch.Tensor] = []
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        hist = [ev(x, t)] + hist[:3]
+        hist = [velocity(x, t)] + hist[:3]
         coeffs = _AB_COEFFS[len(hist) - 1]
         x = x + (s - t) * sum(c * v for c, v in zip(coeffs, hist, strict=True))
     return x
@@ -233,35 +233,35 @@ def _lms_coefficients(nodes: list[float], t: float, s: float) -> list[float]:
     return out
 
 
-def lms(ev: Velocity, x, sig, noise, on_step):
+def lms(velocity: Velocity, x, sigmas, noise, on_step):
     """Linear multistep (k-diffusion LMS, order 4) on dx/dt = v with exact variable-step weights."""
     hist: list[torch.Tensor] = []
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        hist = [ev(x, t)] + hist[:3]
-        coeffs = _lms_coefficients([sig[i - j] for j in range(len(hist))], t, s)
+        hist = [velocity(x, t)] + hist[:3]
+        coeffs = _lms_coefficients([sigmas[i - j] for j in range(len(hist))], t, s)
         x = x + sum(c * v for c, v in zip(coeffs, hist, strict=True))
     return x
 
 
-def pndm(ev: Velocity, x, sig, noise, on_step):
+def pndm(velocity: Velocity, x, sigmas, noise, on_step):
     """PNDM: three classical RK4 steps (the pseudo Runge-Kutta warm-up), then PLMS (fixed AB4).
 
     On the flow path the pseudo-numerical transfer (DDIM) is the Euler step, so the pseudo
     Runge-Kutta and linear multistep methods reduce to the classical ones on ``dx/dt = v``.
     """
     hist: list[torch.Tensor] = []
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
         h = s - t
-        k1 = ev(x, t)
+        k1 = velocity(x, t)
         hist = [k1] + hist[:3]
         if i < 3:
-            k2 = ev(x + 0.5 * h * k1, t + 0.5 * h)
-            k3 = ev(x + 0.5 * h * k2, t + 0.5 * h)
-            k4 = ev(x + h * k3, s)
+            k2 = velocity(x + 0.5 * h * k1, t + 0.5 * h)
+            k3 = velocity(x + 0.5 * h * k2, t + 0.5 * h)
+            k4 = velocity(x + h * k3, s)
             x = x + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
         else:
             x = x + h * sum(c * v for c, v in zip(_AB_COEFFS[3], hist, strict=True))
@@ -277,25 +277,25 @@ def _renoise(x_mid, t_mid: float, s: float, noise: NoiseFn) -> torch.Tensor:
     return scale * x_mid + std * noise()
 
 
-def tcd_like(ev: Velocity, x, sig, noise, on_step, gamma: float):
+def tcd_like(velocity: Velocity, x, sigmas, noise, on_step, gamma: float):
     """TCD's strategic stochastic sampling: DDIM to (1 - gamma) * s, then forward-noise back to s."""
-    for i in range(len(sig) - 1):
-        t, s = sig[i], sig[i + 1]
+    for i in range(len(sigmas) - 1):
+        t, s = sigmas[i], sigmas[i + 1]
         on_step(i, t)
-        v = ev(x, t)
+        v = velocity(x, t)
         t_mid = (1.0 - gamma) * s
         x_mid = (1.0 - t_mid) * _x0(x, t, v) + t_mid * _eps(x, t, v)
         x = _renoise(x_mid, t_mid, s, noise) if s > 0 else x_mid
     return x
 
 
-def tcd(ev: Velocity, x, sig, noise, on_step):
-    return tcd_like(ev, x, sig, noise, on_step, TCD_GAMMA)
+def tcd(velocity: Velocity, x, sigmas, noise, on_step):
+    return tcd_like(velocity, x, sigmas, noise, on_step, TCD_GAMMA)
 
 
-def lcm(ev: Velocity, x, sig, noise, on_step):
+def lcm(velocity: Velocity, x, sigmas, noise, on_step):
     """LCM multistep sampling: the model's x0, then fresh noise at the next sigma (TCD, gamma 1)."""
-    return tcd_like(ev, x, sig, noise, on_step, 1.0)
+    return tcd_like(velocity, x, sigmas, noise, on_step, 1.0)
 
 
 SAMPLERS = {
@@ -328,12 +328,12 @@ class EngineSampler:
     def sample(self, model: ModelFn, x: torch.Tensor, noise: NoiseFn, on_step: StepFn) -> torch.Tensor:
         dtype = x.dtype
 
-        def ev(xt: torch.Tensor, t: float) -> torch.Tensor:
+        def velocity(xt: torch.Tensor, t: float) -> torch.Tensor:
             timestep = torch.tensor(t * 1000.0, dtype=torch.float32)
             return model(xt.to(dtype), timestep, t).to(torch.float32)
 
         def draw() -> torch.Tensor:
             return noise().to(device=x.device, dtype=torch.float32)
 
-        out = SAMPLERS[self.name](ev, x.to(torch.float32), self._sig, draw, on_step)
+        out = SAMPLERS[self.name](velocity, x.to(torch.float32), self._sig, draw, on_step)
         return out.to(dtype)

@@ -31,23 +31,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..forward.compile import graph_count
+from ..forward.runner import TransformerRunner
+from ..limits import BATCH, CFG, SEED, SIZE, STEPS, check_int, check_number
 from ..model.devices import on_device
 from ..model.handle import HiDreamModel
 from ..model.text import Conditioning, PromptEmbeds
-from .compile import graph_count
 from .progress import Progress
-from .runner import TransformerRunner
 
 log = logging.getLogger(__name__)
 
 FLUX_VAE_SCALING = 0.3611
 FLUX_VAE_SHIFT = 0.1159
-SIZE_RANGE = (128, 2048)
-SIZE_STEP = 16
-MAX_STEPS = 1000
-MAX_SEED = 9223372036854775807
-BATCH_RANGE = (1, 20)
-MAX_CFG = 100.0
 
 
 @dataclass(frozen=True)
@@ -75,31 +70,15 @@ class SampleResult:
         return "\n".join(self.telemetry) if self.telemetry else "no cache: every step computed"
 
 
-def _check_int(field_name: str, value: object, lo: int, hi: int, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field_name}: expected an integer {lo}..{hi}{extra}, got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{field_name}: {value} is outside the allowed range {lo}..{hi}{extra}")
-
-
 def validate_settings(s: SampleSettings) -> None:
     """Every number checked before any model work; errors name the field and the range."""
     for name in ("width", "height"):
         value = getattr(s, name)
-        _check_int(name, value, *SIZE_RANGE, extra=f" in steps of {SIZE_STEP}")
-        if value % SIZE_STEP:
-            lower = value // SIZE_STEP * SIZE_STEP
-            raise ValueError(
-                f"{name}: {value} is not a multiple of {SIZE_STEP}; allowed {SIZE_RANGE[0]}..{SIZE_RANGE[1]} "
-                f"in steps of {SIZE_STEP} (nearest: {max(lower, SIZE_RANGE[0])} or {lower + SIZE_STEP})"
-            )
-    _check_int("steps", s.steps, 1, MAX_STEPS)
-    if isinstance(s.cfg, bool) or not isinstance(s.cfg, int | float):
-        raise TypeError(f"cfg: expected a number 0..{MAX_CFG}, got {s.cfg!r}")
-    if not 0.0 <= float(s.cfg) <= MAX_CFG:
-        raise ValueError(f"cfg: {s.cfg} is outside 0..{MAX_CFG} (<= 1 disables the negative prompt)")
-    _check_int("seed", s.seed, 0, MAX_SEED)
-    _check_int("batch", s.batch, *BATCH_RANGE)
+        check_int(name, value, SIZE, SIZE.nearest(value))
+    check_int("steps", s.steps, STEPS)
+    check_number("cfg", s.cfg, CFG, " (<= 1 disables the negative prompt)")
+    check_int("seed", s.seed, SEED)
+    check_int("batch", s.batch, BATCH)
 
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -220,10 +199,10 @@ def sample_latents(
     called after every step (outside ComfyUI; inside, ComfyUI's progress bar moves) and may
     raise to cancel.
     """
-    from .schedulers import validate_scheduler_name
+    from .schedulers import check_scheduler_name
 
     validate_settings(settings)
-    validate_scheduler_name(scheduler.name)
+    check_scheduler_name(scheduler.name)
     _open_cache(model, settings.steps)  # bad cache options fail here, before any weight moves
     runner = TransformerRunner(model.transformer, compile=model.compile)
     progress = Progress(total=settings.steps * settings.batch, callback=callback)

@@ -29,7 +29,6 @@ that remains of EDM on a flow model (EDM's Euler step in VE coordinates is the f
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,16 +36,25 @@ from typing import Protocol
 
 import torch
 
+from ..limits import STEPS
+from ..limits import schedulers as names
+from ..limits.check import check_choice, check_int, check_number
+from ..limits.schedulers import (
+    DEFAULT_SHIFT,
+    NAME_TABLE,
+    SCHEDULER_NAMES,
+    SHIFT,
+    SIGMA_SCHEDULES,
+    VARIANTS,
+    SchedulerInfo,
+    check_scheduler_name,
+)
 from . import flow_samplers
-from .sigmas import SIGMA_SCHEDULES, flow_sigmas
+from .sigmas import flow_sigmas
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
 StepFn = Callable[[int, float], None]
-
-VARIANTS = ("full", "dev", "fast")
-DEFAULT_SHIFT: dict[str, float] = {"full": 3.0, "dev": 6.0, "fast": 3.0}
-SHIFT_RANGE = (0.1, 20.0)
 
 # HiDream-ai/HiDream-I1-Full scheduler/scheduler_config.json (the fields that matter with flow sigmas).
 HIDREAM_FULL_SCHEDULER_CONFIG: dict = {
@@ -74,176 +82,12 @@ _FLOW_SOLVER_CONFIG: dict = {
 # Log-SNR solvers take log(alpha_t) with alpha_t = 1 - sigma: keep the first sigma just below 1
 # (diffusers' UniPC does the same to its own schedule).
 _LOGSNR_MAX_SIGMA = 1.0 - 1e-6
-_DEIS = "DEISMultistepScheduler"
 
 
 class FlowSampler(Protocol):
     sigmas: torch.Tensor
 
     def sample(self, model: ModelFn, x: torch.Tensor, noise: NoiseFn, on_step: StepFn) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class SchedulerInfo:
-    """What a name runs. ``impl`` is ``diffusers:<Class>``, ``engine:<function>`` or ``default``."""
-
-    family: str
-    impl: str
-    order: int
-    stochastic: bool
-    schedule: str  # "native" or one of SIGMA_SCHEDULES
-    options: tuple[tuple[str, object], ...] = ()
-    note: str = ""
-
-
-def _d(
-    cls: str,
-    family: str,
-    order: int,
-    schedule: str = "native",
-    stochastic: bool = False,
-    note: str = "",
-    **opts,
-):
-    return SchedulerInfo(
-        family, f"diffusers:{cls}", order, stochastic, schedule, tuple(sorted(opts.items())), note
-    )
-
-
-def _e(fn: str, family: str, order: int, schedule: str = "uniform", stochastic: bool = False, note: str = ""):
-    return SchedulerInfo(family, f"engine:{fn}", order, stochastic, schedule, (), note)
-
-
-_EULER = "FlowMatchEulerDiscreteScheduler"
-_HEUN = "FlowMatchHeunDiscreteScheduler"
-_UNIPC = "UniPCMultistepScheduler"
-_DPM = "DPMSolverMultistepScheduler"
-
-
-def _unipc(order: int, schedule: str = "native") -> SchedulerInfo:
-    return _d(_UNIPC, f"UniPC (bh2, order {order})", order, schedule, solver_order=order)
-
-
-def _dpm(order: int, schedule: str = "native", sde: bool = False, note: str = "") -> SchedulerInfo:
-    family = f"DPM-Solver++ {order}M" + (" SDE" if sde else "")
-    algo = "sde-dpmsolver++" if sde else "dpmsolver++"
-    return _d(_DPM, family, order, schedule, sde, note, solver_order=order, algorithm_type=algo)
-
-
-def _dpmpp_sde(schedule: str = "uniform") -> SchedulerInfo:
-    return _e(
-        "dpmpp_sde", "DPM-Solver++(2S) SDE", 2, schedule, True, "k-diffusion's DPM++ SDE on the flow path"
-    )
-
-
-def _ipndm(schedule: str) -> SchedulerInfo:
-    return _e("ipndm", "iPNDM (Adams-Bashforth 4)", 4, schedule)
-
-
-_DISTILLED = "for consistency-distilled models; on a plain flow model samples are under-dispersed"
-_ALIAS = "'Uniform X' is the X spacing between the uniform schedule's ends, the same array as 'X'"
-
-NAME_TABLE: dict[str, SchedulerInfo] = {
-    "DDIM": _e("ddim", "DDIM (eta 0)", 1, note="equals flow Euler algebraically"),
-    "DDIMScheduler": _e("ddim", "DDIM (eta 0)", 1, note="equals flow Euler algebraically"),
-    "DDPMScheduler": _e(
-        "ddpm",
-        "DDPM ancestral (posterior)",
-        1,
-        stochastic=True,
-        note="same update as Euler a, written as DDPM",
-    ),
-    "DEISMultistepScheduler": _d(_DEIS, "DEIS (logrho, order 2)", 2, solver_order=2),
-    "Default": SchedulerInfo(
-        "variant default", "default", 2, False, "native", (), "Full: UniPC; Dev/Fast: Euler"
-    ),
-    "DPM++": _dpm(2),
-    "DPM++ 2M": _dpm(2),
-    "DPM++ 2M Beta": _dpm(2, "beta"),
-    "DPM++ 2M Exponential": _dpm(2, "exponential"),
-    "DPM++ 2M Karras": _dpm(2, "karras"),
-    "DPM++ 2M SDE": _dpm(2, sde=True),
-    "DPM++ 2M SDE Beta": _dpm(2, "beta", sde=True),
-    "DPM++ 2M SDE Exponential": _dpm(2, "exponential", sde=True),
-    "DPM++ 2M SDE Karras": _dpm(2, "karras", sde=True),
-    "DPM++ 2M SDE Uniform": _dpm(2, "uniform", sde=True),
-    "DPM++ 2M Uniform": _dpm(2, "uniform"),
-    "DPM++ 3M": _dpm(3),
-    "DPM++ 3M Beta": _dpm(3, "beta"),
-    "DPM++ 3M Exponential": _dpm(3, "exponential"),
-    "DPM++ 3M Karras": _dpm(3, "karras"),
-    "DPM++ 3M SDE Uniform": _e(
-        "dpmpp_3m_sde",
-        "DPM-Solver++ 3M SDE",
-        3,
-        stochastic=True,
-        note="not diffusers': its third-order SDE branch is first order (sign of its D2 weight)",
-    ),
-    "DPM++ 3M Uniform": _dpm(3, "uniform"),
-    "DPM++ Beta": _dpm(2, "beta"),
-    "DPM++ Exponential": _dpm(2, "exponential"),
-    "DPM++ Karras": _dpm(2, "karras"),
-    "DPM++ SDE": _dpmpp_sde(),
-    "DPM++ SDE Beta": _dpmpp_sde("beta"),
-    "DPM++ SDE Exponential": _dpmpp_sde("exponential"),
-    "DPM++ SDE Karras": _dpmpp_sde("karras"),
-    "DPM++ Uniform": _dpm(2, "uniform"),
-    "DPM++ Uniform Beta": _dpm(2, "beta", note=_ALIAS),
-    "DPM++ Uniform Exponential": _dpm(2, "exponential", note=_ALIAS),
-    "DPM++ Uniform Karras": _dpm(2, "karras", note=_ALIAS),
-    "DPMSolverMultistepInverse": _dpm(
-        2,
-        note="inversion (image to noise) needs an input image; runs the same solver forward (noise to image)",
-    ),
-    "DPMSolverMultistepScheduler": _dpm(2),
-    "DPMSolverSinglestepScheduler": _d(
-        "DPMSolverSinglestepScheduler", "DPM-Solver++ singlestep (order 2)", 2, solver_order=2
-    ),
-    "EDMDPMSolverMultistepScheduler": _dpm(2, "karras", note="EDM = the Karras rho=7 schedule on flow time"),
-    "EDMEulerScheduler": _d(
-        _EULER, "Euler (EDM)", 1, "karras", note="EDM Euler on flow = Euler, Karras schedule"
-    ),
-    "Euler": _d(_EULER, "Euler", 1),
-    "Euler a": _e("euler_ancestral", "Euler ancestral (eta 1)", 1, stochastic=True),
-    "Euler Beta": _d(_EULER, "Euler", 1, "beta"),
-    "Euler Exponential": _d(_EULER, "Euler", 1, "exponential"),
-    "Euler Karras": _d(_EULER, "Euler", 1, "karras"),
-    "EulerAncestralDiscreteScheduler": _e("euler_ancestral", "Euler ancestral (eta 1)", 1, stochastic=True),
-    "EulerDiscreteScheduler": _d(_EULER, "Euler", 1),
-    "FlowMatchEulerDiscreteScheduler": _d(_EULER, "Euler", 1),
-    "Heun": _d(_HEUN, "Heun (2 evaluations/step)", 2),
-    "HeunDiscreteScheduler": _d(_HEUN, "Heun (2 evaluations/step)", 2),
-    "Heun Karras": _d(_HEUN, "Heun (2 evaluations/step)", 2, "karras"),
-    "IPNDMScheduler": _ipndm("uniform"),
-    "IPNDM Uniform": _ipndm("uniform"),
-    "IPNDM Uniform Beta": _ipndm("beta"),
-    "IPNDM Uniform Exponential": _ipndm("exponential"),
-    "IPNDM Uniform Karras": _ipndm("karras"),
-    "KDPM2AncestralDiscreteScheduler": _e(
-        "dpm2_ancestral", "DPM2 ancestral (2 evaluations/step)", 2, stochastic=True
-    ),
-    "KDPM2DiscreteScheduler": _e("dpm2", "DPM2 midpoint (2 evaluations/step)", 2),
-    "LCM": _e("lcm", "LCM (x0 + fresh noise)", 1, stochastic=True, note=_DISTILLED),
-    "LCMScheduler": _e("lcm", "LCM (x0 + fresh noise)", 1, stochastic=True, note=_DISTILLED),
-    "LMS": _e("lms", "LMS (variable-step Adams-Bashforth 4)", 4),
-    "LMSDiscreteScheduler": _e("lms", "LMS (variable-step Adams-Bashforth 4)", 4),
-    "LMS Karras": _e("lms", "LMS (variable-step Adams-Bashforth 4)", 4, "karras"),
-    "PNDMScheduler": _e("pndm", "PNDM (RK4 warm-up + PLMS)", 4),
-    "TCDScheduler": _e("tcd", "TCD (gamma 0.3)", 1, stochastic=True, note=_DISTILLED),
-    "UniPC": _unipc(2),
-    "UniPC 2M": _unipc(2),
-    "UniPC 2M Karras": _unipc(2, "karras"),
-    "UniPC 2M Uniform": _unipc(2, "uniform"),
-    "UniPC 3M": _unipc(3),
-    "UniPC 3M Karras": _unipc(3, "karras"),
-    "UniPC 3M Uniform": _unipc(3, "uniform"),
-    "UniPC Karras": _unipc(2, "karras"),
-    "UniPC Uniform": _unipc(2, "uniform"),
-    "UniPC Uniform Beta": _unipc(2, "beta"),
-    "UniPC Uniform Exponential": _unipc(2, "exponential"),
-    "UniPC Uniform Karras": _unipc(2, "karras"),
-}
-SCHEDULER_NAMES: tuple[str, ...] = tuple(NAME_TABLE)
 
 
 @dataclass(frozen=True)
@@ -254,55 +98,28 @@ class SchedulerSpec:
     shift: float | None = None
 
     def __post_init__(self) -> None:
-        validate_scheduler_name(self.name)
+        check_scheduler_name(self.name)
         if self.shift is not None:
             validate_shift(self.shift)
 
 
-def validate_scheduler_name(name: str) -> str:
-    """``name`` if it is one of the 75 names, else a ValueError listing the closest valid names."""
-    if isinstance(name, str) and name in NAME_TABLE:
-        return name
-    text = name if isinstance(name, str) else str(name)
-    by_lower = {n.lower(): n for n in SCHEDULER_NAMES}
-    close = [by_lower[m] for m in difflib.get_close_matches(text.lower(), list(by_lower), n=5, cutoff=0.4)]
-    hint = (
-        f"closest valid names: {', '.join(close)}"
-        if close
-        else "see hidream.sampling.schedulers.SCHEDULER_NAMES"
-    )
-    raise ValueError(f"scheduler: unknown name {name!r}; {hint} (75 names are accepted)")
-
-
 def validate_shift(shift: float) -> float:
-    lo, hi = SHIFT_RANGE
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (lo <= shift <= hi):
-        raise ValueError(
-            f"shift: got {shift!r}; must be a number in {lo}..{hi} (or unset for the variant default)"
-        )
-    return float(shift)
-
-
-def _validate_variant(variant: str) -> str:
-    if variant not in DEFAULT_SHIFT:
-        raise ValueError(f"variant: got {variant!r}; allowed: {', '.join(VARIANTS)}")
-    return variant
+    return check_number("shift", shift, SHIFT, " (or unset for the variant default)")
 
 
 def resolve(spec: SchedulerSpec, variant: str) -> tuple[SchedulerInfo, float]:
     """The concrete table entry and shift a spec runs with for ``variant`` (``Default`` resolved)."""
-    _validate_variant(variant)
+    check_choice("variant", variant, VARIANTS)
     shift = DEFAULT_SHIFT[variant] if spec.shift is None else float(spec.shift)
-    info = NAME_TABLE[validate_scheduler_name(spec.name)]
+    info = NAME_TABLE[check_scheduler_name(spec.name)]
     if info.impl == "default":
-        info = _unipc(2) if variant == "full" else NAME_TABLE["FlowMatchEulerDiscreteScheduler"]
+        info = names.UNIPC_2M if variant == "full" else NAME_TABLE["FlowMatchEulerDiscreteScheduler"]
     return info, shift
 
 
 def make_sampler(spec: SchedulerSpec, variant: str, steps: int) -> FlowSampler:
     """A fresh sampler (no state shared between calls) for ``steps`` steps."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: got {steps!r}; must be an integer >= 1")
+    check_int("steps", steps, STEPS)
     info, shift = resolve(spec, variant)
     kind, _, target = info.impl.partition(":")
     if kind == "engine":
@@ -320,11 +137,11 @@ def _build_diffusers(cls_name: str, options: dict, shift: float):
     import diffusers
 
     cls = getattr(diffusers, cls_name)
-    if cls_name == _EULER:
+    if cls_name == names.EULER:
         return cls(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
-    if cls_name == _HEUN:
+    if cls_name == names.HEUN:
         return cls(num_train_timesteps=1000, shift=shift)
-    base = HIDREAM_FULL_SCHEDULER_CONFIG if cls_name == _UNIPC else _FLOW_SOLVER_CONFIG
+    base = HIDREAM_FULL_SCHEDULER_CONFIG if cls_name == names.UNIPC else _FLOW_SOLVER_CONFIG
     accepted = inspect.signature(cls.__init__).parameters
     config = {k: v for k, v in base.items() if k in accepted}
     return cls(**{**config, "flow_shift": shift, **options})
@@ -342,12 +159,12 @@ class DiffusersFlowSampler:
         self._sched = scheduler
         self._setup = (steps, schedule, shift)
         name = type(scheduler).__name__
-        self._two_evals = name == _HEUN
+        self._two_evals = name == names.HEUN
         self._sde = getattr(scheduler.config, "algorithm_type", "") == "sde-dpmsolver++"
         # DEIS's epsilon-form update cannot reach sigma 0 (0 * inf) and diffusers' flow DEIS stops
         # at the last nonzero sigma; its final step into 0 is taken here as the first-order data
         # prediction x0 = x - sigma * v, like the other solvers' final_sigmas_type="zero" step.
-        self._x0_final = name == _DEIS
+        self._x0_final = name == names.DEIS
         self._prepare()
         sig = scheduler.sigmas.to(torch.float32)
         self.sigmas = torch.cat([sig[:1], sig[1::2]]) if self._two_evals else sig.clone()
@@ -365,11 +182,11 @@ class DiffusersFlowSampler:
     def _override(self, sigmas: torch.Tensor) -> None:
         sched = self._sched
         name = type(sched).__name__
-        if name == _EULER:
+        if name == names.EULER:
             sched.timesteps = (sigmas[:-1] * 1000).to(torch.float32)
             sched.sigmas = sigmas.to(torch.float32)
             return
-        if name == _HEUN:
+        if name == names.HEUN:
             s = sigmas.to(torch.float32)
             sched.sigmas = torch.cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]])
             t = s[:-1] * 1000
@@ -437,6 +254,6 @@ __all__ = [
     "SchedulerSpec",
     "make_sampler",
     "resolve",
-    "validate_scheduler_name",
+    "check_scheduler_name",
     "validate_shift",
 ]

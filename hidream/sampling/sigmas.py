@@ -26,8 +26,9 @@ import math
 
 import torch
 
+from ..limits import SIGMA_SCHEDULES
+
 NUM_TRAIN_TIMESTEPS = 1000
-SIGMA_SCHEDULES = ("uniform", "karras", "exponential", "beta")
 KARRAS_RHO = 7.0
 BETA_ALPHA = 0.6
 BETA_BETA = 0.6

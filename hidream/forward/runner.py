@@ -21,8 +21,8 @@ one flat index of double-then-single blocks -> ``finish``. A cache policy receiv
 runner and the prepared context and decides which block ranges to run.
 
 With ``compile="blocks"`` every block runs through one regionally compiled callable per block
-class (``hidream.sampling.compile``) and its MoE layers in the static, sync-free layout
-(``hidream.sampling.moe``): at a fixed size the whole forward then makes no host sync (``hidream.sampling.syncs``
+class (``hidream.forward.compile``) and its MoE layers in the static, sync-free layout
+(``hidream.forward.moe``): at a fixed size the whole forward then makes no host sync (``hidream.forward.syncs``
 counts them; tested) and a cache decision reads one scalar. Eager runs keep diffusers' own MoE
 by default: the static layout costs 1.75x the expert FLOPs (1.5-1.65x the MoE wall time on
 CPU), which only pays off where a sync-free graph is needed.
@@ -94,9 +94,9 @@ class TransformerRunner:
         transformer: the shared diffusers transformer; never modified (the MoE swap is
             undone after each block call).
         moe: ``auto`` (default: ``dense`` with ``compile="blocks"``, else diffusers' own MoE),
-            ``dense`` or ``gather`` (the static layouts of ``hidream.sampling.moe``), or None for
+            ``dense`` or ``gather`` (the static layouts of ``hidream.forward.moe``), or None for
             diffusers' own MoE (one host sync per MoE layer).
-        compile: ``off`` or ``blocks`` (regional compile, ``hidream.sampling.compile``).
+        compile: ``off`` or ``blocks`` (regional compile, ``hidream.forward.compile``).
     """
 
     def __init__(self, transformer: torch.nn.Module, moe: str | None = "auto", compile: str = "off") -> None:
