@@ -16,6 +16,11 @@ end 1, its threshold bisected until it skips as many steps as our TeaCache) skip
 model on a hit, as TeaCache does, so vs_easycache = our TeaCache wall / EasyCache wall
 compares the two attachments' overheads. Times are minima over 3 interleaved repeats (order
 rotated per repeat); CPU-time figures are printed too, since wall time on a shared machine is noisy.
+The two runs differ by about a millisecond a skipped call against ~0.5 s a computed one, far
+below that noise, so TeaCache and EasyCache then run PAIR_REPEATS more times each, alternating
+(ABBA), and vs_easycache is the ratio of their minima over all their runs; those extra runs
+also time every model call (CPU time, outermost DIFFUSION_MODEL wrapper) and print the cost of
+a skipped and of a computed call for each.
 Needs ComfyUI: COMFYUI_PATH, else <repo>/.comfyui/ComfyUI. Last line:
 
     native_efficiency=<x> vs_easycache=<y>
@@ -27,6 +32,7 @@ import argparse
 import logging
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +46,7 @@ from _common import BENCH_CONFIG, ROOT, TEXT_TOKENS, load_pack, setup_threads
 TEA_COEFFICIENTS = (0.5, 0.0)
 QUICK = (8, 128, 64)  # steps, size, text tokens per stream
 FULL = (30, 256, TEXT_TOKENS)
+PAIR_REPEATS = 4  # extra alternating TeaCache / EasyCache runs each, for vs_easycache
 SIZE = 256
 TOKENS = TEXT_TOKENS
 CFG = 5.0
@@ -213,6 +220,77 @@ def bisect(probe, lo: float, hi: float, target, iters: int):
     return best
 
 
+class CallTimer:
+    """CPU time of every model call, as the outermost DIFFUSION_MODEL wrapper sees it (so it
+    includes each cache's own wrapper work)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, executor, *args, **kwargs):
+        start = time.thread_time()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.calls.append(time.thread_time() - start)
+
+    def timed(self, patcher):
+        """A clone of ``patcher`` whose model calls this timer records (add caches on top)."""
+        import comfy.patcher_extension as pe
+
+        model = patcher.clone()
+        model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_timer", self)
+        return model
+
+
+def split_calls(calls: list[float], skipped: int) -> tuple[float, float]:
+    """(median skipped-call, median computed-call) seconds: the ``skipped`` shortest calls are the
+    skips (each cache's own count), a skip being hundreds of times cheaper than a computed call."""
+    ordered = sorted(calls)
+    skips, computed = ordered[:skipped], ordered[skipped:]
+    return statistics.median(skips) if skips else 0.0, statistics.median(computed) if computed else 0.0
+
+
+def pair_runs(bench, thresholds: tuple[float, float], ec_log: _SkipLog, best: dict, best_cpu: dict) -> None:
+    """PAIR_REPEATS more TeaCache and EasyCache runs each (ABBA order), folded into their minima;
+    prints the per-call costs (CPU ms: skipped call, computed call) and time outside the model."""
+    timer = CallTimer()
+    base = timer.timed(bench.patcher)
+    models = {"Tea": our_model(base, "Tea", thresholds[0]), "EasyCache": easycache_model(base, thresholds[1])}
+    costs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in models}
+    for r in range(PAIR_REPEATS):
+        for name in ("Tea", "EasyCache") if r % 2 == 0 else ("EasyCache", "Tea"):
+            timer.calls.clear()
+            _, wall = bench.sample(models[name])
+            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], bench.cpu)
+            skipped = skipped_calls(models[name], name, ec_log)
+            costs[name].append((*split_calls(timer.calls, skipped), bench.cpu - sum(timer.calls)))
+            print(f"  {name} (pair): {wall:.2f} s wall, {bench.cpu:.2f} s CPU", file=sys.stderr, flush=True)
+    estimate = {}
+    for name, rows in costs.items():
+        skip, comp, outside = (min(col) * 1000 for col in zip(*rows, strict=True))
+        skipped = skipped_calls(models[name], name, ec_log)
+        estimate[name] = skip * skipped + comp * (len(timer.calls) - skipped) + outside
+        print(
+            f"{name} per call (CPU ms, min over {PAIR_REPEATS} runs of the median): skipped {skip:.2f}, "
+            f"computed {comp:.1f}; outside the model {outside:.1f} a run; a run from these {estimate[name]:.0f}"
+        )
+    print(
+        f"per-call estimate (not the target figure): vs_easycache={estimate['Tea'] / estimate['EasyCache']:.3f}"
+    )
+
+
+def skipped_calls(model, name: str, ec_log: _SkipLog) -> int:
+    """Model calls skipped whole in the last run: ours are the steps on which every cond's record
+    says ``tea``; EasyCache's come from its log (one batched call a step, as the bench's conds are)."""
+    if name != "Tea":
+        return ec_log.skipped or 0
+    steps: dict[int, bool] = {}
+    for rec in session_of(model).records:  # one record per cond; a batched call holds both
+        steps[rec.step] = steps.get(rec.step, True) and rec.reused == ("tea",)
+    return sum(steps.values())
+
+
 def rel_l1(a, b) -> float:
     return float((a - b).abs().sum() / b.abs().sum())
 
@@ -222,7 +300,7 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{QUICK[0]} steps at {QUICK[1]}px, {QUICK[2]} text tokens, 2 repeats",
+        help=f"{QUICK[0]} steps at {QUICK[1]}px, {QUICK[2]} text tokens",
     )
     args = parser.parse_args()
     global SIZE, TOKENS
@@ -265,6 +343,8 @@ def main() -> None:
             outs[name], wall = bench.sample(models[name])
             best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], bench.cpu)
             print(f"  {name}: {wall:.2f} s wall, {bench.cpu:.2f} s CPU", file=sys.stderr, flush=True)
+    pair, pair_cpu = ({k: d[k] for k in ("Tea", "EasyCache")} for d in (best, best_cpu))
+    pair_runs(bench, (thresholds["Tea"], ec_threshold), handler, pair, pair_cpu)
     t0 = best["none"]
     head = ("method", "threshold", "reused", "blocks", "wall s", "speedup", "ideal", "eff", "relL1")
     print("{:10} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>6}".format(*head))
@@ -292,9 +372,14 @@ def main() -> None:
     cpu_sum = sum(best_cpu[m] for m in ("FB", "DB", "Tea"))
     print(
         f"CPU-time figures (less sensitive to a shared machine): native_efficiency={cpu_ideal / cpu_sum:.3f} "
-        f"vs_easycache={best_cpu['Tea'] / best_cpu['EasyCache']:.3f}"
+        f"vs_easycache={pair_cpu['Tea'] / pair_cpu['EasyCache']:.3f}"
     )
-    print(f"native_efficiency={ideal_sum / wall_sum:.3f} vs_easycache={best['Tea'] / best['EasyCache']:.3f}")
+    runs = repeats + PAIR_REPEATS
+    print(
+        f"vs_easycache over {runs} runs each: TeaCache {pair['Tea']:.3f} s wall / {pair_cpu['Tea']:.3f} s CPU, "
+        f"EasyCache {pair['EasyCache']:.3f} s wall / {pair_cpu['EasyCache']:.3f} s CPU"
+    )
+    print(f"native_efficiency={ideal_sum / wall_sum:.3f} vs_easycache={pair['Tea'] / pair['EasyCache']:.3f}")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,68 @@ def test_batched_and_separate_conds_make_the_same_decisions(setup, kind):
     assert torch.allclose(out_batched, out_apart, atol=1e-3)
 
 
+def test_a_teacache_skip_runs_only_the_timestep_embedder(setup):
+    """TeaCache alone on Full reuses the whole model's output change (``WholeModel``): a skipped
+    call runs no module but the timestep embedder, a computed one embeds the timestep once."""
+    model = native_cache.attach_cache(setup.patcher, CONFIGS["tea"], "test")
+    net = setup.patcher.model.diffusion_model
+    calls: dict[str, int] = {}
+    watched = ("t_embedder", "p_embedder", "x_embedder", "final_layer")
+    hooks = [
+        getattr(net, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for name in watched
+    ]
+    try:
+        run(setup, model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    computed = len(holder(model).last_session.computed_steps()) // 2  # cond + uncond batched: 2 a call
+    assert 0 < computed < STEPS
+    assert calls == {
+        "t_embedder": STEPS,
+        "p_embedder": computed,
+        "x_embedder": computed,
+        "final_layer": computed,
+    }
+
+
+def _tiny_inputs(batch: int, t: float, seed: int = 0) -> tuple:
+    cfg = tiny.TINY_TRANSFORMER_CONFIG
+    g = torch.Generator().manual_seed(seed)
+    dim, layers = cfg["text_emb_dim"], len(cfg["llama_layers"])
+    return (
+        torch.randn(batch, 16, 16, 16, generator=g),
+        torch.full((batch,), t),
+        torch.randn(batch, dim, generator=g),
+        torch.randn(batch, 8, dim, generator=g),
+        torch.randn(batch, layers, 8, dim, generator=g),
+    )
+
+
+def test_whole_model_skip_and_compute_in_one_batch(setup):
+    """A batch whose lanes disagree (one skips, a new branch computes): the skipping rows get
+    ``x + (out - x)`` of their last computed call, the computing rows ComfyUI's own output."""
+    from hidream_pack.hidream.cache.policy import open_cache_session
+    from hidream_pack.hidream.native.runner import NativeRunner, WholeModel
+
+    net = setup.patcher.model.diffusion_model
+    view = WholeModel(NativeRunner(net))
+    session = open_cache_session((CONFIGS["tea"],), "full", 4)
+    x0, *rest0 = _tiny_inputs(2, 500.0)
+    x1, *rest1 = _tiny_inputs(2, 480.0, seed=1)
+    with torch.no_grad():
+        session.begin_step(0)
+        out0 = session.lanes_policy((("a", 0, 1), ("b", 1, 2)))(view, view.prepare(x0, *rest0))
+        assert torch.equal(out0, net._forward(x0, *rest0))
+        session.begin_step(1)
+        out1 = session.lanes_policy((("a", 0, 1), ("c", 1, 2)))(view, view.prepare(x1, *rest1))
+        alone = net._forward(x1[1:], *(v[1:] for v in rest1))
+    assert [r.reused for r in session.records[-2:]] == [("tea",), ()]
+    assert torch.equal(out1[:1], x1[:1] + (out0[:1] - x0[:1]))
+    assert torch.allclose(out1[1:], alone, atol=1e-5)
+
+
 def test_branches_are_isolated_and_the_input_model_is_unchanged(setup):
     fb = HiDreamI1NativeFirstBlockCache().apply(setup.patcher, 0.8, -1, -1, -1, -1, 3)[0]
     db = HiDreamI1NativeDBCache().apply(setup.patcher, 0.8, NEVER, 1, 0, -1, -1, -1, -1, 3)[0]

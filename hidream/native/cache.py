@@ -20,6 +20,18 @@ Each cond (ComfyUI's per-cond ``uuids``) is its own branch with its own state an
 decision, so both ways give the same decisions (``CacheSession.lanes_policy``).
 Steps: a call's step is the index of its sigma in the run's sigmas; a sigma between two
 (a multi-stage sampler's inner evaluation) belongs to the step it started from.
+
+What a TeaCache skip returns: with TeaCache alone on Full (the timestep embedding decides),
+the policy drives ``WholeModel`` (``runner``), so the cached residual is the whole model's
+output change and a skipped call returns ``x + (out - x)`` of the last computed call, like
+core EasyCache: the call costs the timestep embedder and one add, not the patch embedder,
+final layer and unpatchify the block residual needs (bench config: 1.0 ms instead of 2.9 ms
+CPU for a skipped call's embedders and policy; core EasyCache's skip costs ~0.3 ms). The
+price: the final layer is not re-modulated with the new timestep (docs/caching.md has the
+measured output difference). Dev/Fast watch the embedded image tokens and a block cache needs
+the token streams, so there (and on the pack's HIDREAM_MODEL path) the block residual is
+reused and the final layer runs on the skip. The decisions are the same either way: they read
+only the watched input (tested against the HIDREAM_MODEL path).
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import torch
 
 from ..cache.config import check_combination
 from ..cache.policy import CacheSession, open_cache_session
-from .runner import NativeRunner
+from .runner import NativeRunner, WholeModel
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +102,19 @@ def attach_cache(model, config, node_id: str, variant: str | None = None):
     return out
 
 
-class _Run:
-    """One sampling call: its session and the step bookkeeping."""
+def _skips_whole_model(configs: tuple, variant: str) -> bool:
+    """TeaCache alone, watching the timestep embedding: its skips can reuse the model output's
+    change (``WholeModel``); any other combination needs the token streams."""
+    return variant == "full" and all(c.kind == "teacache" for c in configs)
 
-    def __init__(self, session: CacheSession, sigmas: torch.Tensor) -> None:
+
+class _Run:
+    """One sampling call: its session, the step bookkeeping, and how a forward is driven."""
+
+    def __init__(self, session: CacheSession, sigmas: torch.Tensor, whole: bool = False) -> None:
         self.session = session
+        self.whole = whole
+        self._runners: dict[int, NativeRunner] = {}
         self.desc = [-float(s) for s in sigmas.detach().cpu().flatten()]  # ascending, for bisect
         self.step = -1
         self.stage = None
@@ -108,6 +128,19 @@ class _Run:
             self.step, self.stage = step, stage
             self.session.begin_step(step, force_compute=forced)
 
+    def runner(self, model: torch.nn.Module) -> NativeRunner:
+        """One ``NativeRunner`` per diffusion model for the whole run, not one per call."""
+        if id(model) not in self._runners:
+            self._runners[id(model)] = NativeRunner(model)
+        return self._runners[id(model)]
+
+    def forward(self, model, policy, x, t, y, context, llama, image_cond, opts: dict) -> torch.Tensor:
+        runner = self.runner(model)
+        if self.whole:
+            view = WholeModel(runner)
+            return policy(view, view.prepare(x, t, y, context, llama, image_cond, opts))
+        return runner.forward(x, t, y, context, llama, image_cond, opts, policy=policy)
+
 
 def _outer_sample(executor, *args, **kwargs):
     import comfy.model_patcher
@@ -118,7 +151,8 @@ def _outer_sample(executor, *args, **kwargs):
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
     session = open_cache_session(holder.configs, holder.variant, max(len(sigmas) - 1, 1))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    guider.model_options["transformer_options"][RUN_KEY] = _Run(session, sigmas)
+    whole = _skips_whole_model(holder.configs, holder.variant)
+    guider.model_options["transformer_options"][RUN_KEY] = _Run(session, sigmas, whole)
     try:
         return executor(*args, **kwargs)
     finally:
@@ -147,7 +181,7 @@ def _diffusion_model(executor, *args, **kwargs):
     run: _Run | None = opts.get(RUN_KEY)
     if run is None:  # sampled without our OUTER_SAMPLE wrapper (e.g. a bare apply_model call)
         return executor(*args, **kwargs)
-    runner = NativeRunner(executor.class_obj)
+    model = executor.class_obj
 
     def cached_forward(
         x, t, y=None, context=None, llama=None, image_cond=None, control=None, transformer_options=None
@@ -162,10 +196,9 @@ def _diffusion_model(executor, *args, **kwargs):
             (_branch(k, u), i * rows, (i + 1) * rows)
             for i, (k, u) in enumerate(zip(kinds, uuids, strict=True))
         )
-        policy = run.session.lanes_policy(lanes)
-        return runner.forward(x, t, y, context, llama, image_cond, o, policy=policy)
+        return run.forward(model, run.session.lanes_policy(lanes), x, t, y, context, llama, image_cond, o)
 
     inner = comfy.patcher_extension.WrapperExecutor.new_class_executor(
-        cached_forward, executor.class_obj, executor.wrappers, executor.idx + 1
+        cached_forward, model, executor.wrappers, executor.idx + 1
     )
     return inner.execute(*args, **kwargs)

@@ -7,6 +7,12 @@ interface of ``hidream.forward.runner.TransformerRunner`` (``prepare`` -> ``run_
 ``finish``) over ComfyUI's own modules, doing the same operations in the same order as
 ``_forward``, so a policy that runs every block returns ComfyUI's output bit for bit (tested).
 It reads ComfyUI's module at call time and keeps no per-call state.
+
+``WholeModel`` is the same forward seen from outside: one "block" from the model's input
+latent to its output latent. TeaCache alone on Full (which watches only the timestep
+embedding) is driven through it, so its cached residual is the whole model's output change
+``out - x`` and a skipped call costs the timestep embedder and one add, as core EasyCache's
+skip does (``hidream.native.cache`` says when it is used).
 """
 
 from __future__ import annotations
@@ -64,8 +70,16 @@ class NativeRunner:
         self.num_double = len(self.double_blocks)
         self.num_blocks = self.num_double + len(self.single_blocks)
 
-    def prepare(self, x, t, y, context, llama, image_cond=None, transformer_options=None) -> NativeContext:
-        """The first half of ComfyUI's ``_forward`` (text streams and rope on first use)."""
+    def timestep_embedding(self, t, batch: int, x: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's ``t_embedder`` on ``t`` broadcast to ``batch`` rows, in ``x``'s dtype."""
+        m = self.model
+        return m.t_embedder(m.expand_timesteps(t, batch, x.device), x.dtype)
+
+    def prepare(
+        self, x, t, y, context, llama, image_cond=None, transformer_options=None, t_emb=None
+    ) -> NativeContext:
+        """The first half of ComfyUI's ``_forward`` (text streams and rope on first use).
+        ``t_emb``: the timestep embedding when the caller already has it (``WholeModel``)."""
         import comfy.ldm.common_dit
 
         m = self.model
@@ -74,7 +88,8 @@ class NativeRunner:
             x = torch.cat([x, image_cond], dim=-1)
         hidden = comfy.ldm.common_dit.pad_to_patch_size(x, (m.patch_size, m.patch_size))
         batch = hidden.shape[0]
-        t_emb = m.t_embedder(m.expand_timesteps(t, batch, hidden.device), hidden.dtype)
+        if t_emb is None:
+            t_emb = self.timestep_embedding(t, batch, hidden)
         temb = t_emb + m.p_embedder(y)
         hidden, masks, img_sizes = m.patchify(hidden, m.max_seq, None)
         if masks is not None:  # only for list inputs, which ComfyUI's sampling never passes
@@ -157,10 +172,77 @@ class NativeRunner:
         h, w = ctx.size
         return -out[:, :, :h, :w]
 
-    def forward(self, x, t, y, context, llama, image_cond=None, transformer_options=None, policy=None):
-        ctx = self.prepare(x, t, y, context, llama, image_cond, transformer_options)
+    def forward(
+        self, x, t, y, context, llama, image_cond=None, transformer_options=None, policy=None, t_emb=None
+    ):
+        ctx = self.prepare(x, t, y, context, llama, image_cond, transformer_options, t_emb)
         if policy is None:
             img, _ = self.run_blocks(ctx, 0, self.num_blocks, ctx.img, ctx.txt)
         else:
             img = policy(self, ctx)
         return self.finish(ctx, img)
+
+
+@dataclass
+class InputContext(ForwardContext):
+    """``WholeModel``'s context: ``img`` is the model's input latent, ``t_emb`` (and ``temb``)
+    the timestep embedding, ``txt`` and ``rope`` the batch's row indices.
+
+    The row indices ride in stream slots because a policy that runs some lanes and skips
+    others cuts every stream of the context to the computing rows (``hidream.cache.policy._restrict``);
+    ``WholeModel.run_blocks`` reads the cut indices to take the same rows of ``inputs``."""
+
+    inputs: tuple = ()  # (x, t, y, context, llama, image_cond) of the whole batch, uncut
+    transformer_options: dict = field(default_factory=dict)
+
+
+class WholeModel:
+    """The whole ComfyUI forward as one block, for a policy that only ever skips all of it.
+
+    ``run_blocks(ctx, 0, num_blocks, x, rows)`` returns the model output for those input rows,
+    so the policy's cached residual is ``out - x``, a skip returns ``x + residual`` and there is
+    nothing to finish. ``num_blocks`` stays the real count: the telemetry counts block calls."""
+
+    def __init__(self, runner: NativeRunner) -> None:
+        self.runner = runner
+        self.num_double = runner.num_double
+        self.num_blocks = runner.num_blocks
+
+    def prepare(self, x, t, y, context, llama, image_cond=None, transformer_options=None) -> InputContext:
+        """Only what a skip decision reads: the timestep embedding (and the input itself)."""
+        batch = x.shape[0]
+        t = self.runner.model.expand_timesteps(t, batch, x.device)
+        t_emb = self.runner.timestep_embedding(t, batch, x)
+        rows = torch.arange(batch, device=x.device)
+        return InputContext(
+            img=x,
+            txt=rows,
+            temb=t_emb,
+            llama=[],
+            rope=rows,
+            grid=(0, 0),
+            batch=batch,
+            t_emb=t_emb,
+            inputs=(x, t, y, context, llama, image_cond),
+            transformer_options=transformer_options if transformer_options is not None else {},
+        )
+
+    def run_blocks(self, ctx: InputContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor):
+        """The model output for input rows ``txt`` (all of them, or the rows the policy cut to)."""
+        if (start, end) != (0, self.num_blocks):
+            raise ValueError(f"WholeModel runs the whole model only, not blocks {start}..{end - 1}")
+        inputs = ctx.inputs
+        if txt.numel() != inputs[0].shape[0]:
+            inputs = tuple(_rows(v, txt, inputs[0].shape[0]) for v in inputs)
+        x, t, y, context, llama, image_cond = inputs
+        out = self.runner.forward(
+            x, t, y, context, llama, image_cond, ctx.transformer_options, t_emb=ctx.t_emb
+        )
+        return out, txt
+
+
+def _rows(value, index: torch.Tensor, batch: int):
+    """Rows ``index`` of a per-row input; anything else (None, shared tensors) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, index)
+    return value
