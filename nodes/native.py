@@ -15,6 +15,7 @@ from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
 from .lora import HiDreamI1LoraLoader
 from .scheduler import HiDreamI1Scheduler
 
+SKIP_REUSES = ("block residual", "model output")
 _MODEL_INPUT = (
     "MODEL",
     {"tooltip": "ComfyUI's HiDream-I1 MODEL (Load Diffusion Model, LoRA loaders, ...). It is not changed."},
@@ -33,11 +34,12 @@ class _NativeCache:
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("A clone of the MODEL with this cache attached (the input is unchanged).",)
     _variant: str | None = None
+    _reuse_output: bool | None = None
 
     def attach(self, model, config) -> tuple:
         from ..hidream.native.cache import attach_cache
 
-        return (attach_cache(model, config, self.NODE_ID, self._variant),)
+        return (attach_cache(model, config, self.NODE_ID, self._variant, self._reuse_output),)
 
 
 class HiDreamI1NativeFirstBlockCache(_NativeCache, HiDreamI1FirstBlockCache):
@@ -67,6 +69,17 @@ class HiDreamI1NativeTeaCache(_NativeCache, HiDreamI1TeaCache):
             },
         )
         spec["required"] = {"model": spec["required"].pop("model"), "variant": variant, **spec["required"]}
+        spec.setdefault("optional", {})["skip_reuses"] = (
+            list(SKIP_REUSES),
+            {
+                "default": SKIP_REUSES[0],
+                "tooltip": "What a skipped step reuses. block residual (default, as ComfyUI-TeaCache and the "
+                "HIDREAM_MODEL node): the image is embedded and the final layer runs with the new timestep. "
+                "model output (Full, TeaCache alone): the whole model's last output change, as core "
+                "EasyCache does; a skip costs almost nothing but the image moves further from no cache.",
+                "advanced": True,
+            },
+        )
         return spec
 
     def apply(
@@ -80,9 +93,12 @@ class HiDreamI1NativeTeaCache(_NativeCache, HiDreamI1TeaCache):
         start_percent,
         end_percent,
         max_consecutive,
+        skip_reuses: str = SKIP_REUSES[0],
     ):
         check_choice("variant", variant, VARIANTS)
+        check_choice("skip_reuses", skip_reuses, SKIP_REUSES)
         self._variant = variant
+        self._reuse_output = skip_reuses == "model output"
         window = (start_step, end_step, start_percent, end_percent, max_consecutive)
         return super().apply(model, distance, coefficients, *window)
 

@@ -152,10 +152,12 @@ def test_batched_and_separate_conds_make_the_same_decisions(setup, kind):
     assert torch.allclose(out_batched, out_apart, atol=1e-3)
 
 
-def test_a_teacache_skip_runs_only_the_timestep_embedder(setup):
-    """TeaCache alone on Full reuses the whole model's output change (``WholeModel``): a skipped
-    call runs no module but the timestep embedder, a computed one embeds the timestep once."""
-    model = native_cache.attach_cache(setup.patcher, CONFIGS["tea"], "test")
+@pytest.mark.parametrize("reuse_output", [True, False], ids=["model-output", "block-residual"])
+def test_what_a_teacache_skip_runs(setup, reuse_output):
+    """``reuse_output`` (TeaCache alone on Full): a skipped call runs no module but the timestep
+    embedder, a computed one embeds the timestep once. By default a skip still embeds the image
+    and runs the final layer (the block residual is reused, as on the HIDREAM_MODEL path)."""
+    model = native_cache.attach_cache(setup.patcher, CONFIGS["tea"], "test", reuse_output=reuse_output)
     net = setup.patcher.model.diffusion_model
     calls: dict[str, int] = {}
     watched = ("t_embedder", "p_embedder", "x_embedder", "final_layer")
@@ -170,11 +172,12 @@ def test_a_teacache_skip_runs_only_the_timestep_embedder(setup):
             hook.remove()
     computed = len(holder(model).last_session.computed_steps()) // 2  # cond + uncond batched: 2 a call
     assert 0 < computed < STEPS
+    embedded = computed if reuse_output else STEPS
     assert calls == {
         "t_embedder": STEPS,
-        "p_embedder": computed,
-        "x_embedder": computed,
-        "final_layer": computed,
+        "p_embedder": embedded,
+        "x_embedder": embedded,
+        "final_layer": embedded,
     }
 
 

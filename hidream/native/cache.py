@@ -21,17 +21,17 @@ decision, so both ways give the same decisions (``CacheSession.lanes_policy``).
 Steps: a call's step is the index of its sigma in the run's sigmas; a sigma between two
 (a multi-stage sampler's inner evaluation) belongs to the step it started from.
 
-What a TeaCache skip returns: with TeaCache alone on Full (the timestep embedding decides),
-the policy drives ``WholeModel`` (``runner``), so the cached residual is the whole model's
-output change and a skipped call returns ``x + (out - x)`` of the last computed call, like
-core EasyCache: the call costs the timestep embedder and one add, not the patch embedder,
-final layer and unpatchify the block residual needs (bench config: 1.0 ms instead of 2.9 ms
-CPU for a skipped call's embedders and policy; core EasyCache's skip costs ~0.3 ms). The
-price: the final layer is not re-modulated with the new timestep (docs/caching.md has the
-measured output difference). Dev/Fast watch the embedded image tokens and a block cache needs
-the token streams, so there (and on the pack's HIDREAM_MODEL path) the block residual is
-reused and the final layer runs on the skip. The decisions are the same either way: they read
-only the watched input (tested against the HIDREAM_MODEL path).
+What a TeaCache skip returns: by default the block residual, as on the pack's HIDREAM_MODEL
+path and in ComfyUI-TeaCache: the skipped call still embeds the image, and the final layer
+runs with the new timestep's modulation. ``reuse_output=True`` (the node's ``skip_reuses:
+model output``; TeaCache alone on Full, where the timestep embedding decides) drives
+``WholeModel`` (``runner``) instead: a skipped call returns ``x + (out - x)`` of the last
+computed call, like core EasyCache, and costs the timestep embedder and one add, not the patch
+embedder, final layer and unpatchify (bench config: 1.0 ms instead of 2.9 ms CPU a skipped
+call). The price: the final layer is not re-modulated with the new timestep, so the output
+moves further from no cache (docs/caching.md has the measured difference); hence opt-in. The
+decisions are the same either way: they read only the watched input (tested against the
+HIDREAM_MODEL path).
 """
 
 from __future__ import annotations
@@ -71,19 +71,21 @@ class NativeCacheHolder:
     A clone of the MODEL deep-copies ``model_options``; the copy keeps the configs and drops
     the last session (no tensors are copied, and branches never share a session)."""
 
-    def __init__(self, configs: tuple, variant: str) -> None:
+    def __init__(self, configs: tuple, variant: str, reuse_output: bool = False) -> None:
         self.configs = tuple(configs)
         self.variant = variant
+        self.reuse_output = reuse_output
         self.last_session: CacheSession | None = None
         self.last_report = ""
 
     def __deepcopy__(self, memo) -> NativeCacheHolder:
-        return NativeCacheHolder(self.configs, self.variant)
+        return NativeCacheHolder(self.configs, self.variant, self.reuse_output)
 
 
-def attach_cache(model, config, node_id: str, variant: str | None = None):
+def attach_cache(model, config, node_id: str, variant: str | None = None, reuse_output: bool | None = None):
     """``model.clone()`` with ``config`` added (replacing one of the same kind); the input MODEL
-    is never changed. ``variant`` (full/dev/fast) picks TeaCache's published polynomial."""
+    is never changed. ``variant`` (full/dev/fast) picks TeaCache's published polynomial;
+    ``reuse_output`` makes a TeaCache skip reuse the whole model's output change (module doc)."""
     import comfy.patcher_extension
 
     require_hidream(model, node_id)
@@ -93,8 +95,11 @@ def attach_cache(model, config, node_id: str, variant: str | None = None):
     configs = (*others, config)
     check_combination(configs)
     variant = variant or (old.variant if old is not None else "full")
+    if reuse_output is None:
+        reuse_output = old.reuse_output if old is not None else False
     out = model.clone()
-    out.model_options.setdefault("transformer_options", {})[KEY] = NativeCacheHolder(configs, variant)
+    holder = NativeCacheHolder(configs, variant, reuse_output)
+    out.model_options.setdefault("transformer_options", {})[KEY] = holder
     wrappers = comfy.patcher_extension.WrappersMP
     for kind, fn in ((wrappers.OUTER_SAMPLE, _outer_sample), (wrappers.DIFFUSION_MODEL, _diffusion_model)):
         if not out.wrappers.get(kind, {}).get(KEY):
@@ -102,10 +107,20 @@ def attach_cache(model, config, node_id: str, variant: str | None = None):
     return out
 
 
-def _skips_whole_model(configs: tuple, variant: str) -> bool:
-    """TeaCache alone, watching the timestep embedding: its skips can reuse the model output's
-    change (``WholeModel``); any other combination needs the token streams."""
-    return variant == "full" and all(c.kind == "teacache" for c in configs)
+def _skips_whole_model(holder: NativeCacheHolder) -> bool:
+    """Asked for, and possible: TeaCache alone watching the timestep embedding (Full). Dev/Fast
+    watch the embedded image tokens and a block cache needs the token streams."""
+    if not holder.reuse_output:
+        return False
+    possible = holder.variant == "full" and all(c.kind == "teacache" for c in holder.configs)
+    if not possible:
+        log.warning(
+            "HiDream native TeaCache: skip_reuses 'model output' needs TeaCache alone on Full "
+            "(variant %s, caches %s); reusing the block residual",
+            holder.variant,
+            "+".join(c.kind for c in holder.configs),
+        )
+    return possible
 
 
 class _Run:
@@ -151,7 +166,7 @@ def _outer_sample(executor, *args, **kwargs):
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
     session = open_cache_session(holder.configs, holder.variant, max(len(sigmas) - 1, 1))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    whole = _skips_whole_model(holder.configs, holder.variant)
+    whole = _skips_whole_model(holder)
     guider.model_options["transformer_options"][RUN_KEY] = _Run(session, sigmas, whole)
     try:
         return executor(*args, **kwargs)
