@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream.model import checkpoint, configs, tiny, tokenizers
+from hidream_pack.hidream.model import checkpoint, sizing, tiny, tokenizers
 from safetensors import safe_open
 
 PREFIX = "model.diffusion_model."
@@ -139,7 +139,7 @@ def test_detected_configs_match_tiny_and_real():
         k: checkpoint.TensorInfo("F32", tuple(v.shape))
         for k, v in tiny.build_transformer(0).state_dict().items()
     }
-    assert configs.transformer_config(header) == tiny.TINY_TRANSFORMER_CONFIG
+    assert sizing.transformer_config(header) == tiny.TINY_TRANSFORMER_CONFIG
 
     from diffusers import AutoencoderKL, HiDreamImageTransformer2DModel
     from transformers import (
@@ -154,24 +154,23 @@ def test_detected_configs_match_tiny_and_real():
     def shapes(module):
         return {k: checkpoint.TensorInfo("F32", tuple(v.shape)) for k, v in module.state_dict().items()}
 
-    real = {k: v for k, v in configs.base_config("hidream_i1_transformer").items() if not k.startswith("_")}
+    real = {k: v for k, v in sizing.base_config("hidream_i1_transformer").items() if not k.startswith("_")}
     with torch.device("meta"):
-        assert configs.transformer_config(shapes(HiDreamImageTransformer2DModel(**real))) == real
+        assert sizing.transformer_config(shapes(HiDreamImageTransformer2DModel(**real))) == real
         for flavour in ("clip_l", "clip_g"):
-            cfg = configs.base_config(flavour)
+            cfg = sizing.base_config(flavour)
             assert (
-                configs.clip_config(shapes(CLIPTextModelWithProjection(CLIPTextConfig(**cfg))), flavour)
-                == cfg
+                sizing.clip_config(shapes(CLIPTextModelWithProjection(CLIPTextConfig(**cfg))), flavour) == cfg
             )
-        cfg = configs.base_config("t5_xxl")
-        assert configs.t5_config(shapes(T5EncoderModel(T5Config(**cfg)))) == cfg
+        cfg = sizing.base_config("t5_xxl")
+        assert sizing.t5_config(shapes(T5EncoderModel(T5Config(**cfg)))) == cfg
         # LlamaConfig edits its rope_scaling argument in place: give it its own copy.
-        llama = LlamaForCausalLM(LlamaConfig(**configs.base_config("llama_3_1_8b_instruct")))
-        assert configs.llama_config(shapes(llama)) == configs.base_config("llama_3_1_8b_instruct")
-        vae_cfg = {k: v for k, v in configs.base_config("flux_vae").items() if not k.startswith("_")}
+        llama = LlamaForCausalLM(LlamaConfig(**sizing.base_config("llama_3_1_8b_instruct")))
+        assert sizing.llama_config(shapes(llama)) == sizing.base_config("llama_3_1_8b_instruct")
+        vae_cfg = {k: v for k, v in sizing.base_config("flux_vae").items() if not k.startswith("_")}
         ldm = tiny.vae_to_original_keys(AutoencoderKL(**vae_cfg).state_dict(), 4)
         assert (
-            configs.vae_config({k: checkpoint.TensorInfo("F32", tuple(v.shape)) for k, v in ldm.items()})
+            sizing.vae_config({k: checkpoint.TensorInfo("F32", tuple(v.shape)) for k, v in ldm.items()})
             == vae_cfg
         )
 

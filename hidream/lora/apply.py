@@ -1,6 +1,6 @@
 """How a LoRA session's adapters act on the transformer's Linears, step by step.
 
-Three tools, used by ``hidream.lora.session.LoraSession`` at each change of the active set only:
+Four tools, used by ``hidream.lora.session.LoraSession`` at each change of the active set only:
 
 - Live adapters: PEFT's own ``enable_adapters`` / ``set_adapter`` / ``set_scale`` on each wrapped
   Linear (nothing copied). Costs the low-rank matmuls on every step.

@@ -19,7 +19,7 @@ import torch
 
 from ..limits import VARIANT_CHOICES, VARIANTS, check_choice
 from . import checkpoint as ckpt
-from . import configs, fp8
+from . import fp8, sizing
 from .devices import default_device
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def build_transformer(path: Path, field: str, dtype: torch.dtype, fp8_weights: b
     infos = ckpt.read_header(path, field)
     ckpt.require_kind(infos, "transformer", field, path, TRANSFORMER_HINT)
     keys, prefix = ckpt.strip_prefix(infos, ckpt.TRANSFORMER_PREFIX)
-    cfg = sized_config(field, path, lambda: configs.transformer_config(keys))
+    cfg = sized_config(field, path, lambda: sizing.transformer_config(keys))
     with torch.device("meta"):
         model = HiDreamImageTransformer2DModel(**cfg)
     _check_keys(field, path, set(model.state_dict()), _model_keys(keys), "the HiDream-I1 transformer")
@@ -254,7 +254,7 @@ def build_vae(path: Path, field: str, dtype: torch.dtype):
             f"vae: {path.name!r} uses diffusers key names; load its diffusers folder with the diffusers "
             "loader, or use the original ae.safetensors"
         )
-    cfg = sized_config(field, path, lambda: configs.vae_config(keys))
+    cfg = sized_config(field, path, lambda: sizing.vae_config(keys))
     state = convert_ldm_vae_checkpoint(ckpt.load_state(path, field, dtype, prefix=prefix), cfg)
     with torch.device("meta"):
         vae = AutoencoderKL(**cfg)
@@ -276,12 +276,12 @@ def build_text_encoder(slot: str, path: Path, infos, dtype: torch.dtype):
     )
 
     if slot in ("clip_l", "clip_g"):
-        cfg = sized_config(slot, path, lambda: configs.clip_config(infos, slot))
+        cfg = sized_config(slot, path, lambda: sizing.clip_config(infos, slot))
         return _build_hf(CLIPTextModelWithProjection, CLIPTextConfig, cfg, path, slot, infos, dtype)
     if slot == "t5":
-        cfg = sized_config(slot, path, lambda: configs.t5_config(infos))
+        cfg = sized_config(slot, path, lambda: sizing.t5_config(infos))
         return _build_hf(T5EncoderModel, T5Config, cfg, path, slot, infos, dtype)
-    cfg = sized_config(slot, path, lambda: configs.llama_config(infos))
+    cfg = sized_config(slot, path, lambda: sizing.llama_config(infos))
     return _build_hf(LlamaForCausalLM, LlamaConfig, cfg, path, slot, infos, dtype, skip=("lm_head.weight",))
 
 

@@ -3,7 +3,7 @@
 Single files (Comfy-Org's split files) and diffusers folders both load. Every input is
 checked before any model is built: the file exists, is a real ``.safetensors`` (not a pickle,
 not truncated) and holds the kind of model the input expects. Configs ship with the pack and
-are sized from the tensor shapes (``hidream.model.configs``), fp8 files are dequantized on load
+are sized from the tensor shapes (``hidream.model.sizing``), fp8 files are dequantized on load
 (``hidream.model.fp8``), tokenizers come from the sources in ``hidream.model.tokenizers``.
 
 Loads are shared: ComfyUI re-runs a loader whenever any of its inputs changes and may hold
@@ -21,7 +21,7 @@ import torch
 
 from ..limits import VARIANT_CHOICES
 from . import checkpoint as ckpt
-from . import configs, tokenizers
+from . import sizing, tokenizers
 from .building import (
     DTYPES,
     SHARED,
@@ -105,7 +105,7 @@ def load_text_encoders(
     }
     dt, dev = parse_dtype(dtype), parse_device(device)
     infos = {slot: check_text_file(slot, p) for slot, p in paths.items()}
-    t5_rows = sized_config("t5", paths["t5"], lambda: configs.t5_config(infos["t5"]))["vocab_size"]
+    t5_rows = sized_config("t5", paths["t5"], lambda: sizing.t5_config(infos["t5"]))["vocab_size"]
     t5_tok = tokenizers.load_t5_tokenizer(paths["t5"], t5_rows, t5_tokenizer_dir)
     llama_tok = tokenizers.llama_tokenizer()
     llama_rows = infos["llama"]["model.embed_tokens.weight"].shape[0]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import configs, fp8, tokenizers
+from . import fp8, sizing, tokenizers
 
 TINY_TRANSFORMER_CONFIG = {
     "patch_size": 2,
@@ -105,7 +105,7 @@ def _hf_config(name: str, overrides: dict):
     from transformers import CLIPTextConfig, LlamaConfig, T5Config
 
     cls = {"clip_l": CLIPTextConfig, "clip_g": CLIPTextConfig, "t5_xxl": T5Config}.get(name, LlamaConfig)
-    return cls(**{**configs.base_config(name), **overrides})
+    return cls(**{**sizing.base_config(name), **overrides})
 
 
 # ---------------------------------------------------------------- models
@@ -166,7 +166,7 @@ def _build_llama(gen: torch.Generator):
 def _build_vae(gen: torch.Generator):
     from diffusers import AutoencoderKL
 
-    cfg = {k: v for k, v in configs.base_config("flux_vae").items() if not k.startswith("_")}
+    cfg = {k: v for k, v in sizing.base_config("flux_vae").items() if not k.startswith("_")}
     model = AutoencoderKL(**{**cfg, **TINY_VAE})
     _randomize(model, gen)
     return model.eval()
