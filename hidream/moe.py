@@ -6,26 +6,38 @@ CPU (``bincount().cpu().numpy()``) to slice its sorted tokens, one host sync in 
 (softmax gate, top-2 of 4, no renormalisation, shared expert added) runs with shapes that
 depend only on the input's shape.
 
-Two static layouts were measured (``bench/compile.py``):
+Three static layouts, measured by ``bench/compile.py`` (benchmark model, all 12 MoE layers on
+the inputs of one CFG forward at 256x256, one CPU thread, fp32, per-layer interleaved minima
+on a shared, loaded 2-core machine; the ratio is over diffusers' MoE):
 
-- **dense gate** (chosen): every routed expert runs on every token and its output is
-  weighted by a dense ``[tokens, experts]`` gate matrix that is zero where the expert was
-  not picked. Adding those exact zeros changes no bit, so the sum equals diffusers' (which
-  adds the picked experts in expert order too).
-- **fixed-capacity gather**: each expert gathers a fixed number of token rows. To be exact
-  the capacity must be the worst case, every token (top-2 of 4 lets one expert take them
-  all), so it does the dense layout's FLOPs plus a gather and a scatter: never cheaper.
+- **grouped** (the default, about 0.96x; 0.98-1.02x in CPU time across runs): the
+  ``tokens * k`` picks are sorted by expert (``argsort``, stable), each expert's segment end
+  comes from ``searchsorted`` on the sorted picks (static ``[experts]``, no ``bincount``), and
+  the SwiGLU runs as three ``grouped_mm`` calls whose groups are those segments: exactly the
+  routed FLOPs, as diffusers. Outputs are weighted and added back per token with
+  ``index_add`` in expert order, as diffusers' ``scatter_reduce`` adds them: equal within
+  1e-5 in fp32 (0 difference measured on the benchmark layers). The per-expert weights are
+  stacked on each call (about 3% of the MoE's CPU time here), see ``_stacked``. Padding each
+  expert's segment to a tile multiple (a static worst-case tile count, for a batched matmul
+  over tiles) was not needed: ``grouped_mm`` takes ragged groups with device-side offsets;
+  splitting the rows into cache-sized chunks measured slower (1.05-1.25x), and fusing w1 and
+  w3 into one operand too (1.26x).
+- **dense gate** (the compiled fallback, 1.5-1.6x): every routed expert runs on every token
+  and its output is weighted by a dense ``[tokens, experts]`` gate matrix that is zero where
+  the expert was not picked. Adding those exact zeros changes no bit. It does ``E / k`` = 2x
+  the routed-expert FLOPs (whole layer with its shared expert: 1.75x on the benchmark model,
+  1.79x at HiDream-I1's sizes, dim 2560, expert hidden 6912, shared 3584), but calls the
+  experts as modules, so LoRA adapters on them (PEFT wrappers) apply.
+- **fixed-capacity gather** (1.6x): each expert gathers a fixed number of token rows. To be
+  exact the capacity must be the worst case, every token, so it does the dense layout's FLOPs
+  plus a gather and a scatter: never cheaper. Kept for the benchmark's comparison.
 
-The dense layout does ``E / k`` = 2x the routed-expert FLOPs of diffusers' sparse loop (whole
-MoE layer with its shared expert: 1.75x on the benchmark model, 1.79x at HiDream-I1's sizes,
-dim 2560, expert hidden 6912, shared 3584); on one CPU thread it costs 1.5x diffusers' MoE wall
-time. What it buys is a forward with no host sync, a compiled region without a graph break
-(compiled sampling 0.66x of eager on the CPU), and CUDA-graph capture. A grouped GEMM
-(``torch.nn.functional.grouped_mm``) would do the sparse FLOPs without a sync, but needs the
-experts' weights stacked in one tensor, which diffusers' per-expert ``Linear`` layout (and
-PEFT's LoRA wrappers around them) does not have; not done.
+``grouped`` runs only where it is sync-free and exact (``_grouped_ready``): on the CPU, and on
+CUDA for bf16 on compute capability 9.x/10.x (elsewhere torch's ``grouped_mm`` copies its
+offsets to the host inside the op); with plain bias-free ``Linear`` experts (PEFT's LoRA
+wrappers or hooks would be bypassed by reading the weights). Elsewhere it runs its fallback:
+``dense`` (sync-free, for compiled blocks) or diffusers' own forward (eager runs).
 
-The experts are still called as modules, so LoRA adapters on them (PEFT wrappers) apply.
 Installation is per instance and reversible (``static_moe``): diffusers' class is never
 patched, and leaving the block restores the module exactly as it was.
 """
