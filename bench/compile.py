@@ -7,12 +7,15 @@ the CPU compiles with inductor's C++ backend). Three figures:
 
 - ``host_syncs``: host syncs in one forward of our runner at 256x256, counted by
   ``hidream.forward.syncs.SyncCounter`` (diffusers' MoE in the same forward is printed beside it);
-- ``moe_ratio``: wall time of our static MoE (dense gate) over diffusers' MoE, summed over
-  every MoE layer of the model on the inputs it really sees in that forward (captured by
-  hooks). The fixed-capacity gather layout and the FLOP ratios are printed beside it;
+- ``moe_ratio``: wall time of the MoE layout the engine uses (``grouped``: grouped GEMMs over
+  the routed tokens, ``hidream.forward.moe``) over diffusers' MoE, summed over every MoE layer of the
+  model on the inputs it really sees in that forward (captured by hooks), interleaved
+  repeats, minimum of each. The dense-gate and fixed-capacity gather layouts and the FLOP
+  ratios are printed beside it;
 - ``compiled_ratio``: sampling wall time with ``compile=blocks`` over eager (both with the
-  static MoE), after a warm-up call of each (which is where the compile happens; its time is
-  printed), interleaved repeats, minimum of each.
+  engine's default MoE: ``grouped``), after a warm-up call of each (which is where the
+  compile happens; its time is printed), interleaved repeats, minimum of each. Eager sampling
+  with diffusers' MoE is timed beside them (what ``moe="auto"`` replaced in eager runs).
 
 Last line: ``host_syncs=<n> moe_ratio=<x> compiled_ratio=<y>``.
 """
@@ -57,7 +60,7 @@ def count_syncs(transformer, cond, device) -> tuple[int, int, dict]:
 
     inputs = _forward_inputs(transformer, cond, device)
     counts = []
-    for moe in ("dense", None):
+    for moe in ("grouped", None):
         runner = TransformerRunner(transformer, moe=moe)
         with torch.no_grad(), SyncCounter() as c:
             runner.forward(*inputs)
@@ -85,7 +88,10 @@ def moe_inputs(transformer, cond, device) -> list[tuple[object, object]]:
 
 
 def moe_flops(layer, tokens: int, dense: bool) -> int:
-    """Multiply-adds x2 of the experts' matmuls (gate and elementwise work left out)."""
+    """Multiply-adds x2 of the experts' matmuls (gate and elementwise work left out).
+
+    ``dense``: every expert on every token; else the top-k experts only (diffusers, grouped).
+    """
     dim, hidden = layer.experts[0].w1.in_features, layer.experts[0].w1.out_features
     shared = layer.shared_experts.w1.out_features
     routed = len(layer.experts) if dense else layer.gate.top_k
@@ -93,54 +99,73 @@ def moe_flops(layer, tokens: int, dense: bool) -> int:
 
 
 def time_moe(pairs, repeats: int, sync) -> dict[str, float]:
+    """Seconds per layout for all MoE layers: per layer, the layouts take turns (order flipped
+    every repeat) and the minimum over repeats is kept; the per-layer minima are summed. Minima
+    per layer, not per whole pass, so a burst of load from other work on a shared machine
+    spoils one layer's sample, not a whole pass."""
     import torch
     from hidream_pack.hidream.forward import moe as moe_mod
 
     fns = {
         "diffusers": lambda m, x: m(x),
+        "grouped": moe_mod.grouped_forward,
         "dense": moe_mod.dense_forward,
         "gather": moe_mod.gather_forward,
     }
-    best = dict.fromkeys(fns, float("inf"))
+    best = {name: [float("inf")] * len(pairs) for name in fns}
     with torch.no_grad():
         for fn in fns.values():  # warm-up
             for m, x in pairs:
                 fn(m, x)
         for r in range(repeats):
-            for name in fns if r % 2 == 0 else reversed(list(fns)):
-                sync()
-                start = time.perf_counter()
-                for m, x in pairs:
-                    fn_out = fns[name](m, x)
-                del fn_out
-                sync()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            for i, (m, x) in enumerate(pairs):
+                for name in fns if (r + i) % 2 == 0 else reversed(list(fns)):
+                    sync()
+                    start = time.perf_counter()
+                    fns[name](m, x)
+                    sync()
+                    best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: sum(times) for name, times in best.items()}
+
+
+def _runner_class(moe_override: bool):
+    """The sampler's runner class: the engine's own, or one pinned to diffusers' MoE."""
+    from functools import partial
+
+    from hidream_pack.hidream.forward.runner import TransformerRunner
+
+    return partial(TransformerRunner, moe=None) if moe_override else TransformerRunner
 
 
 def time_sampling(transformer, cond, device, repeats: int, sync) -> tuple[dict[str, float], dict[str, float]]:
+    """Eager (default MoE), compiled, and eager with diffusers' MoE; interleaved, minima."""
     from dataclasses import replace
+    from unittest import mock
 
     import torch
+    from hidream_pack.hidream.sampling import loop as sampling
     from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
     from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
     base = replace(model_handle(transformer), device=torch.device(device))
-    handles = {"eager": base, "compiled": replace(base, compile="blocks")}
+    handles = {"eager": base, "compiled": replace(base, compile="blocks"), "eager_diffusers_moe": base}
     settings = SampleSettings(width=SIZE, height=SIZE, steps=STEPS, cfg=CFG, seed=0)
 
     def run(name: str) -> tuple[float, torch.Tensor]:
-        sync()
-        start = time.perf_counter()
-        out = sample_latents(handles[name], cond, SchedulerSpec("Default"), settings).latents
-        sync()
+        runner = _runner_class(name == "eager_diffusers_moe")
+        with mock.patch.object(sampling, "TransformerRunner", runner):
+            sync()
+            start = time.perf_counter()
+            out = sample_latents(handles[name], cond, SchedulerSpec("Default"), settings).latents
+            sync()
         return time.perf_counter() - start, out
 
     warm, outs = {}, {}
     for name in handles:
         warm[name], outs[name] = run(name)
     diff = (outs["compiled"] - outs["eager"]).abs().max().item()
-    print(f"final latents, compiled vs eager: max |diff| {diff:.3g}")
+    theirs = (outs["eager_diffusers_moe"] - outs["eager"]).abs().max().item()
+    print(f"final latents, compiled vs eager: max |diff| {diff:.3g}; eager vs diffusers' MoE {theirs:.3g}")
     best = dict.fromkeys(handles, float("inf"))
     for r in range(repeats):
         for name in handles if r % 2 == 0 else reversed(list(handles)):
@@ -152,7 +177,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="3 interleaved sampling repeats instead of 5")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 interleaved sampling repeats instead of 5 (7 MoE repeats instead of 11)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     setup_threads(1)
@@ -174,19 +203,24 @@ def main() -> None:
         kind: sum(moe_flops(m, x.numel() // x.shape[-1], kind != "diffusers") for m, x in pairs)
         for kind in ("diffusers", "dense")
     }
-    print(
-        f"MoE over {len(pairs)} layers: diffusers {moe_times['diffusers'] * 1e3:.1f} ms, dense gate "
-        f"{moe_times['dense'] * 1e3:.1f} ms (x{moe_times['dense'] / moe_times['diffusers']:.3f}), fixed-capacity "
-        f"gather {moe_times['gather'] * 1e3:.1f} ms (x{moe_times['gather'] / moe_times['diffusers']:.3f}); "
-        f"expert FLOPs dense/diffusers x{flops['dense'] / flops['diffusers']:.3f} (gather: the same as dense)"
+    base = moe_times["diffusers"]
+    others = ", ".join(
+        f"{name} {moe_times[name] * 1e3:.1f} ms (x{moe_times[name] / base:.3f})"
+        for name in ("dense", "gather")
     )
-    moe_ratio = moe_times["dense"] / moe_times["diffusers"]
+    print(
+        f"MoE over {len(pairs)} layers: diffusers {base * 1e3:.1f} ms, grouped (the engine's) "
+        f"{moe_times['grouped'] * 1e3:.1f} ms (x{moe_times['grouped'] / base:.3f}); {others}; expert FLOPs "
+        f"grouped/diffusers x1.000, dense/diffusers x{flops['dense'] / flops['diffusers']:.3f} (gather: as dense)"
+    )
+    moe_ratio = moe_times["grouped"] / base
 
     best, warm = time_sampling(transformer, cond, args.device, 3 if args.quick else 5, sync)
     print(
         f"sampling {SIZE}x{SIZE}, {STEPS} steps, CFG {CFG}: eager {best['eager']:.3f} s, compiled "
-        f"{best['compiled']:.3f} s (first call incl. compile: eager {warm['eager']:.1f} s, compiled "
-        f"{warm['compiled']:.1f} s)"
+        f"{best['compiled']:.3f} s, eager with diffusers' MoE {best['eager_diffusers_moe']:.3f} s "
+        f"(x{best['eager'] / best['eager_diffusers_moe']:.3f}) (first call incl. compile: eager "
+        f"{warm['eager']:.1f} s, compiled {warm['compiled']:.1f} s)"
     )
     compiled_ratio = best["compiled"] / best["eager"]
     print(f"host_syncs={ours} moe_ratio={moe_ratio:.3f} compiled_ratio={compiled_ratio:.3f}")

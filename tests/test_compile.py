@@ -77,7 +77,7 @@ def _graph_breaks() -> int:
 
 # -- one graph per block class ------------------------------------------------------------------
 def test_one_graph_per_block_class_shared_by_every_block(pristine, eager_backend):
-    eager = TransformerRunner(pristine, moe="dense")
+    eager = TransformerRunner(pristine, moe="grouped")
     compiled = TransformerRunner(pristine, compile="blocks")
     before = compile_mod.graph_count()
     got = _forward(compiled)
@@ -144,7 +144,7 @@ def test_lora_stage_switches_compile_once_per_lora_state(
         lora_spec.LoraSpec(path=a, weight=0.8, stage="high", merge=merge),
         lora_spec.LoraSpec(path=b, weight=-0.5, stage="low", merge=merge),
     ]
-    runner, eager = TransformerRunner(base, compile="blocks"), TransformerRunner(base, moe="dense")
+    runner, eager = TransformerRunner(base, compile="blocks"), TransformerRunner(base, moe="grouped")
     before, added = compile_mod.graph_count(), []
     with lora.LoraSession(base, specs) as session:
         for sigma in (0.95, 0.3, 0.95, 0.3):
@@ -160,7 +160,7 @@ def test_lora_stage_switches_compile_once_per_lora_state(
 # -- fallback ---------------------------------------------------------------------------------
 def test_unavailable_compile_runs_eagerly_with_one_warning(pristine, eager_backend, monkeypatch, caplog):
     monkeypatch.setattr(compile_mod, "unavailable_reason", lambda device: "no C++ compiler (test)")
-    want = _forward(TransformerRunner(pristine, moe="dense"))
+    want = _forward(TransformerRunner(pristine, moe="grouped"))
     before = compile_mod.graph_count()
     with caplog.at_level(logging.WARNING, logger=compile_mod.__name__):
         runners = [TransformerRunner(pristine, compile="blocks") for _ in range(2)]
@@ -187,7 +187,7 @@ def test_failing_compile_runs_eagerly_with_one_warning(pristine, eager_backend, 
     warnings = [r.getMessage() for r in caplog.records if r.name == compile_mod.__name__]
     assert len(warnings) == 1
     assert warnings[0].endswith("failed: backend exploded")
-    assert torch.equal(got[0], _forward(TransformerRunner(pristine, moe="dense"))) and torch.equal(
+    assert torch.equal(got[0], _forward(TransformerRunner(pristine, moe="grouped"))) and torch.equal(
         got[0], got[1]
     )
     assert not runner.compiled

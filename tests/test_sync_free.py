@@ -3,6 +3,8 @@
 The counter (``hidream.forward.syncs.SyncCounter``) is checked first on code that does sync, then on
 diffusers' own MoE (which it must catch: 2 per MoE layer), then on our forward (0), with the
 caches on too, where each cache decision may read exactly one scalar, only when it decides.
+The engine's layout (``grouped``) is also checked on skewed routing (a full and an empty
+expert) and with LoRA wrappers on the experts (its exact fallback).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def test_counter_ignores_static_work():
 @pytest.mark.parametrize("mode", moe_mod.MOE_MODES)
 @pytest.mark.parametrize("size", list(MOE_SIZES))
 def test_static_moe_equals_diffusers_fp32(size, mode):
+    """Every layout; ``grouped`` is the default one, the others the compiled fallback (dense)
+    and the benchmark's comparison (gather)."""
     dim, hidden = MOE_SIZES[size]
     layer = _moe(dim, hidden, seed=3)
     x = torch.randn(2, 97, dim, generator=torch.Generator().manual_seed(4))
@@ -99,6 +103,52 @@ def test_static_moe_equals_diffusers_fp32(size, mode):
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-5
     assert "forward" not in layer.__dict__  # the swap is undone
+
+
+def _skewed(layer: MOEFeedForwardSwiGLU, x: torch.Tensor) -> None:
+    """Gate weights that send every token to expert 0, most second picks to expert 1, some to
+    expert 2 and none to expert 3 (x's first feature is shifted to be positive)."""
+    g = torch.Generator().manual_seed(9)
+    w = 0.05 * torch.randn(4, x.shape[-1], generator=g)
+    w[:, 0] = torch.tensor([6.0, 2.0, 1.5, -6.0])
+    with torch.no_grad():
+        layer.gate.weight.copy_(w)
+
+
+def test_grouped_moe_equals_diffusers_on_skewed_routing():
+    """One expert takes every token, one takes none: empty and full groups, still 1e-5."""
+    layer = _moe(*MOE_SIZES["bench"], seed=8)
+    x = torch.randn(2, 97, MOE_SIZES["bench"][0], generator=torch.Generator().manual_seed(10))
+    x[..., 0] = x[..., 0].abs() + 2.0
+    _skewed(layer, x)
+    with torch.no_grad():
+        idx = torch.topk(torch.nn.functional.linear(x.view(-1, x.shape[-1]), layer.gate.weight), 2).indices
+        counts = torch.bincount(idx.flatten(), minlength=4).tolist()
+        assert counts[0] == x.shape[0] * x.shape[1] and counts[3] == 0 and counts[1] > counts[2] > 0
+        assert moe_mod._grouped_ready(layer, x)  # the grouped GEMMs really run, not a fallback
+        want = layer(x)
+        got = moe_mod.grouped_forward(layer, x)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_grouped_moe_with_lora_on_the_experts_falls_back_exactly():
+    """PEFT wrappers on the experts: grouped_mm would skip the adapters, so the layer runs
+    the dense layout through the modules (still sync-free) and equals diffusers' forward."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layer = _moe(*MOE_SIZES["tiny"], seed=11)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4.0, target_modules=r".*experts\.\d+\.w[123]$"), layer)
+    for name, param in layer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    x = torch.randn(1, 40, MOE_SIZES["tiny"][0], generator=torch.Generator().manual_seed(12))
+    assert not moe_mod._grouped_ready(layer, x)
+    with torch.no_grad():
+        want = layer(x)
+        with moe_mod.static_moe(layer, "grouped"), SyncCounter() as c:
+            got = layer(x)
+    assert c.total == 0
+    assert (got - want).abs().max().item() <= 1e-5
 
 
 def test_every_expert_and_both_picks_take_part():
@@ -122,7 +172,9 @@ def test_static_moe_makes_no_sync_and_diffusers_makes_two():
 
 
 def test_bad_moe_mode_is_an_error_naming_it(transformer):
-    with pytest.raises(ValueError, match="moe: 'sparse' is not a MoE layout; allowed: dense, gather"):
+    with pytest.raises(
+        ValueError, match="moe: 'sparse' is not a MoE layout; allowed: grouped, dense, gather"
+    ):
         TransformerRunner(transformer, moe="sparse")
 
 
@@ -135,18 +187,21 @@ def test_swap_leaves_another_per_instance_forward_alone():
 
 
 # -- the forward -------------------------------------------------------------------------------
-def test_forward_equals_diffusers_moe_forward(transformer):
+@pytest.mark.parametrize("moe", ["auto", *moe_mod.MOE_MODES])
+def test_forward_equals_diffusers_moe_forward(transformer, moe):
     x, t, t5, llama, pooled = _inputs()
     with torch.no_grad():
         want = TransformerRunner(transformer, moe=None).forward(x, t, t5, llama, pooled)
-        got = TransformerRunner(transformer, moe="dense").forward(x, t, t5, llama, pooled)
+        got = TransformerRunner(transformer, moe=moe).forward(x, t, t5, llama, pooled)
     assert (got - want).abs().max().item() <= 1e-5
     assert not any("forward" in m.__dict__ for m in transformer.modules())
 
 
-def test_forward_makes_no_host_sync(transformer):
+@pytest.mark.parametrize("moe", ["auto", *moe_mod.MOE_MODES])
+def test_forward_makes_no_host_sync(transformer, moe):
+    """``auto`` too: on the CPU the default eager forward runs the grouped layout."""
     x, t, t5, llama, pooled = _inputs()
-    runner = TransformerRunner(transformer, moe="dense")
+    runner = TransformerRunner(transformer, moe=moe)
     with torch.no_grad(), SyncCounter() as ours:
         runner.forward(x, t, t5, llama, pooled)
     with torch.no_grad(), SyncCounter() as theirs:
@@ -172,7 +227,7 @@ def test_cache_decisions_read_one_scalar_each(transformer, name):
     configs, contexts = CACHES[name]
     steps = 8
     x, _, t5, llama, pooled = _inputs()
-    runner = TransformerRunner(transformer, moe="dense")
+    runner = TransformerRunner(transformer)
     session = cache_mod.open_cache_session(configs, "full", steps)
     counts, reads = [], []
     with torch.no_grad():

@@ -6,26 +6,38 @@ CPU (``bincount().cpu().numpy()``) to slice its sorted tokens, one host sync in 
 (softmax gate, top-2 of 4, no renormalisation, shared expert added) runs with shapes that
 depend only on the input's shape.
 
-Two static layouts were measured (``bench/compile.py``):
+Three static layouts, measured by ``bench/compile.py`` (benchmark model, all 12 MoE layers on
+the inputs of one CFG forward at 256x256, one CPU thread, fp32, per-layer interleaved minima
+on a shared, loaded 2-core machine; the ratio is over diffusers' MoE):
 
-- **dense gate** (chosen): every routed expert runs on every token and its output is
-  weighted by a dense ``[tokens, experts]`` gate matrix that is zero where the expert was
-  not picked. Adding those exact zeros changes no bit, so the sum equals diffusers' (which
-  adds the picked experts in expert order too).
-- **fixed-capacity gather**: each expert gathers a fixed number of token rows. To be exact
-  the capacity must be the worst case, every token (top-2 of 4 lets one expert take them
-  all), so it does the dense layout's FLOPs plus a gather and a scatter: never cheaper.
+- **grouped** (the default, about 0.96x; 0.98-1.02x in CPU time across runs): the
+  ``tokens * k`` picks are sorted by expert (``argsort``, stable), each expert's segment end
+  comes from ``searchsorted`` on the sorted picks (static ``[experts]``, no ``bincount``), and
+  the SwiGLU runs as three ``grouped_mm`` calls whose groups are those segments: exactly the
+  routed FLOPs, as diffusers. Outputs are weighted and added back per token with
+  ``index_add`` in expert order, as diffusers' ``scatter_reduce`` adds them: equal within
+  1e-5 in fp32 (0 difference measured on the benchmark layers). The per-expert weights are
+  stacked on each call (about 3% of the MoE's CPU time here), see ``_stacked``. Padding each
+  expert's segment to a tile multiple (a static worst-case tile count, for a batched matmul
+  over tiles) was not needed: ``grouped_mm`` takes ragged groups with device-side offsets;
+  splitting the rows into cache-sized chunks measured slower (1.05-1.25x), and fusing w1 and
+  w3 into one operand too (1.26x).
+- **dense gate** (the compiled fallback, 1.5-1.6x): every routed expert runs on every token
+  and its output is weighted by a dense ``[tokens, experts]`` gate matrix that is zero where
+  the expert was not picked. Adding those exact zeros changes no bit. It does ``E / k`` = 2x
+  the routed-expert FLOPs (whole layer with its shared expert: 1.75x on the benchmark model,
+  1.79x at HiDream-I1's sizes, dim 2560, expert hidden 6912, shared 3584), but calls the
+  experts as modules, so LoRA adapters on them (PEFT wrappers) apply.
+- **fixed-capacity gather** (1.6x): each expert gathers a fixed number of token rows. To be
+  exact the capacity must be the worst case, every token, so it does the dense layout's FLOPs
+  plus a gather and a scatter: never cheaper. Kept for the benchmark's comparison.
 
-The dense layout does ``E / k`` = 2x the routed-expert FLOPs of diffusers' sparse loop (whole
-MoE layer with its shared expert: 1.75x on the benchmark model, 1.79x at HiDream-I1's sizes,
-dim 2560, expert hidden 6912, shared 3584); on one CPU thread it costs 1.5x diffusers' MoE wall
-time. What it buys is a forward with no host sync, a compiled region without a graph break
-(compiled sampling 0.66x of eager on the CPU), and CUDA-graph capture. A grouped GEMM
-(``torch.nn.functional.grouped_mm``) would do the sparse FLOPs without a sync, but needs the
-experts' weights stacked in one tensor, which diffusers' per-expert ``Linear`` layout (and
-PEFT's LoRA wrappers around them) does not have; not done.
+``grouped`` runs only where it is sync-free and exact (``_grouped_ready``): on the CPU, and on
+CUDA for bf16 on compute capability 9.x/10.x (elsewhere torch's ``grouped_mm`` copies its
+offsets to the host inside the op); with plain bias-free ``Linear`` experts (PEFT's LoRA
+wrappers or hooks would be bypassed by reading the weights). Elsewhere it runs its fallback:
+``dense`` (sync-free, for compiled blocks) or diffusers' own forward (eager runs).
 
-The experts are still called as modules, so LoRA adapters on them (PEFT wrappers) apply.
 Installation is per instance and reversible (``static_moe``): diffusers' class is never
 patched, and leaving the block restores the module exactly as it was.
 """
@@ -33,13 +45,15 @@ patched, and leaving the block restores the module exactly as it was.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-MOE_MODES = ("dense", "gather")
+MOE_MODES = ("grouped", "dense", "gather")
+FALLBACKS = ("dense", "diffusers")
+_PROJECTIONS = ("w1", "w3", "w2")
 
 
 def is_moe(module: object) -> bool:
@@ -49,11 +63,10 @@ def is_moe(module: object) -> bool:
     )
 
 
-def _route(moe: torch.nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(moe: torch.nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' ``MoEGate`` at inference: softmax scores, top-k, weights not renormalised.
 
-    Returns the dense gate matrix ``[tokens, experts]`` (top-k weights, zeros elsewhere) and
-    the top-k expert indices.
+    Returns the top-k weights and expert indices, both ``[tokens, k]``.
     """
     gate = moe.gate
     if getattr(gate, "scoring_func", "softmax") != "softmax" or getattr(gate, "norm_topk_prob", False):
@@ -62,9 +75,15 @@ def _route(moe: torch.nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torc
             "HiDream's routing; allowed: softmax without top-k renormalisation"
         )
     scores = F.linear(flat, gate.weight, None).softmax(dim=-1)
-    weights, idx = torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
-    dense = torch.zeros_like(scores).scatter(1, idx, weights)
-    return dense, idx
+    return torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
+
+
+def _route(moe: torch.nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense gate matrix ``[tokens, experts]`` (top-k weights, zeros elsewhere) and the
+    top-k expert indices."""
+    weights, idx = _topk(moe, flat)
+    dense = torch.zeros(flat.shape[0], len(moe.experts), dtype=weights.dtype, device=weights.device)
+    return dense.scatter(1, idx, weights), idx
 
 
 def dense_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -95,11 +114,158 @@ def gather_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(x.shape).to(x.dtype) + moe.shared_experts(x)
 
 
-_FORWARDS = {"dense": dense_forward, "gather": gather_forward}
+def diffusers_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' own forward (one host sync), the eager fallback where grouped_mm would sync."""
+    return type(moe).forward(moe, x)
+
+
+# -- grouped GEMM ------------------------------------------------------------------------------
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_OP_NAMESPACE = "hidream_i1"
+
+
+def _grouped_mm_op() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``grouped_mm`` as an opaque custom op with its own shape rule.
+
+    torch's fake (meta) kernel for ``_grouped_mm`` accepts bf16 only, so ``torch.compile``
+    cannot trace it in fp32, although the CPU kernel computes fp32 fine. Behind a custom op
+    dynamo needs only the output shape (``[rows, out]``, static), and inductor calls the kernel
+    as it is. Defined once per process: a second import of this module (ComfyUI and a test
+    loading the pack under different names) reuses it.
+    """
+    if _GROUPED_MM is None:
+        return None
+    existing = getattr(getattr(torch.ops, _OP_NAMESPACE), "grouped_mm", None)
+    if existing is not None:
+        return existing
+
+    @torch.library.custom_op(f"{_OP_NAMESPACE}::grouped_mm", mutates_args=())
+    def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return _GROUPED_MM(a, b, offs=offs)
+
+    @grouped_mm.register_fake
+    def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    return getattr(torch.ops, _OP_NAMESPACE).grouped_mm
+
+
+_GROUPED_OP = _grouped_mm_op()
+
+
+@torch.compiler.assume_constant_result
+def _sync_free_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``grouped_mm`` reads its offsets without a device-to-host copy here.
+
+    On the CPU the offsets are already host memory. On CUDA only the CUTLASS kernel (bf16 on
+    compute capability 9.x/10.x, as of torch 2.10-2.13) takes them on the device; every other
+    case runs ATen's fallback, which copies them to the CPU inside the op, a sync that no
+    dispatch-level counter sees. A constant for dynamo: the answer depends only on the
+    (guarded) device and dtype.
+    """
+    if _GROUPED_OP is None:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return False
+
+
+def _plain_linear(layer: object) -> bool:
+    """An ``nn.Linear`` without bias or hooks: its weight alone is what it computes. PEFT's LoRA
+    wrappers (and offload hooks) fail this, so they run through the module instead."""
+    return (
+        type(layer) is torch.nn.Linear
+        and layer.bias is None
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+    )
+
+
+def _grouped_ready(moe: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``grouped_forward`` can run on ``x`` sync-free and compute exactly ``moe``."""
+    if not _sync_free_grouped_mm(x.device, x.dtype):
+        return False
+    for expert in moe.experts:
+        if expert._forward_hooks or expert._forward_pre_hooks or "forward" in expert.__dict__:
+            return False
+        for name in _PROJECTIONS:
+            layer = getattr(expert, name, None)
+            if not _plain_linear(layer) or layer.weight.dtype != x.dtype or layer.weight.device != x.device:
+                return False
+            # grouped_mm wants 16-byte aligned row strides on both operands
+            if any(n * layer.weight.element_size() % 16 for n in layer.weight.shape):
+                return False
+    return True
+
+
+def _stacked(moe: torch.nn.Module, name: str) -> torch.Tensor:
+    """Projection ``name`` of every expert as one ``[experts, in, out]`` operand.
+
+    Stacked on every call (a transient copy, about 3% of the MoE's CPU time on the benchmark
+    model): a persistent copy would double the experts' memory (20 GB in bf16 at HiDream-I1's
+    size), and reading the modules' weights on each call keeps merged LoRAs and weight swaps
+    exact with nothing to invalidate.
+    """
+    return torch.stack([getattr(e, name).weight for e in moe.experts]).transpose(1, 2)
+
+
+def _segment_ends(sorted_experts: torch.Tensor, experts: int) -> torch.Tensor:
+    """End offset of each expert's rows in the expert-sorted pick list, ``[experts]`` int32.
+
+    ``searchsorted`` rather than ``bincount().cumsum()``: bincount's output length depends on
+    the data (on CUDA it reads the maximum: a host sync), searchsorted's does not.
+    """
+    bounds = torch.arange(1, experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
+    return torch.searchsorted(sorted_experts, bounds).to(torch.int32)
+
+
+def grouped_forward(moe: torch.nn.Module, x: torch.Tensor, fallback=dense_forward) -> torch.Tensor:
+    """Each token through its top-k experts only, as three grouped GEMMs; equals ``moe(x)``.
+
+    The ``tokens * k`` picks are sorted by expert (stable, so a token's lower expert comes
+    first, the order diffusers adds them in), each expert's rows are one group of
+    ``grouped_mm``, and the weighted outputs are added back per token. Every shape depends only
+    on ``x``'s shape: the groups' sizes stay on the device as offsets. Where that would not be
+    sync-free or exact (``_grouped_ready``: LoRA wrappers, another device or dtype), ``fallback``
+    runs instead.
+    """
+    if not _grouped_ready(moe, x):
+        return fallback(moe, x)
+    flat = x.reshape(-1, x.shape[-1])
+    weights, idx = _topk(moe, flat)
+    picks = idx.reshape(-1)
+    order = torch.argsort(picks, stable=True)
+    ends = _segment_ends(picks[order], len(moe.experts))
+    rows = order // idx.shape[1]
+    xs = flat.index_select(0, rows)
+    w1, w3, w2 = (_stacked(moe, name) for name in _PROJECTIONS)
+    h = F.silu(_GROUPED_OP(xs, w1, ends)).mul_(_GROUPED_OP(xs, w3, ends))
+    out = _GROUPED_OP(h, w2, ends).mul_(weights.reshape(-1, 1)[order])
+    y = torch.zeros_like(flat).index_add_(0, rows, out)
+    return y.view(x.shape) + moe.shared_experts(x)
+
+
+def _grouped_or_diffusers(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Grouped where it is sync-free, else diffusers' own MoE (eager runs: no dense FLOPs)."""
+    return grouped_forward(moe, x, fallback=diffusers_forward)
+
+
+_FORWARDS = {"grouped": grouped_forward, "dense": dense_forward, "gather": gather_forward}
+
+
+def _layout(mode: str, fallback: str) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """The forward for ``mode``; ``fallback`` is what ``grouped`` runs where it cannot."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"MoE fallback: {fallback!r}; allowed: {', '.join(FALLBACKS)}")
+    if mode == "grouped" and fallback == "diffusers":
+        return _grouped_or_diffusers
+    return _FORWARDS[check_mode(mode)]
 
 
 def check_mode(mode: str) -> str:
-    """Validate the MoE layout name (``dense`` or ``gather``)."""
+    """Validate the MoE layout name (``grouped``, ``dense`` or ``gather``)."""
     if mode not in _FORWARDS:
         raise ValueError(f"moe: {mode!r} is not a MoE layout; allowed: {', '.join(MOE_MODES)}")
     return mode
@@ -110,10 +276,15 @@ class StaticMoE:
 
     The bound forwards are built once, so entering the swap many times installs the very
     same objects (a compiled block guarding on them sees no change, so never recompiles).
+    ``fallback`` is what the ``grouped`` layout runs where grouped_mm would sync or could not
+    compute the experts exactly (``_grouped_ready``): ``dense`` (still sync-free, for compiled
+    blocks) or ``diffusers`` (its own MoE: fewer FLOPs, for eager runs).
     """
 
-    def __init__(self, modules: list[torch.nn.Module], mode: str = "dense") -> None:
-        fn = _FORWARDS[check_mode(mode)]
+    def __init__(
+        self, modules: list[torch.nn.Module], mode: str = "grouped", fallback: str = "dense"
+    ) -> None:
+        fn = _layout(mode, fallback)
         self._swaps: dict[int, list[tuple[torch.nn.Module, object]]] = {}
         for i, module in enumerate(modules):
             layers = [m for m in module.modules() if is_moe(m)]
@@ -136,7 +307,7 @@ class StaticMoE:
 
 
 @contextmanager
-def static_moe(module: torch.nn.Module, mode: str = "dense") -> Iterator[None]:
+def static_moe(module: torch.nn.Module, mode: str = "grouped") -> Iterator[None]:
     """Every MoE layer under ``module`` runs the static layout inside the block."""
     swaps = StaticMoE([module], mode)
     with swaps.active(0):

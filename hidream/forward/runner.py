@@ -20,12 +20,14 @@ Hook points for the caches (``hidream.cache.policy``): ``prepare`` -> ``run_bloc
 one flat index of double-then-single blocks -> ``finish``. A cache policy receives the
 runner and the prepared context and decides which block ranges to run.
 
-With ``compile="blocks"`` every block runs through one regionally compiled callable per block
-class (``hidream.forward.compile``) and its MoE layers in the static, sync-free layout
-(``hidream.forward.moe``): at a fixed size the whole forward then makes no host sync (``hidream.forward.syncs``
-counts them; tested) and a cache decision reads one scalar. Eager runs keep diffusers' own MoE
-by default: the static layout costs 1.75x the expert FLOPs (1.5-1.65x the MoE wall time on
-CPU), which only pays off where a sync-free graph is needed.
+MoE layers run in the static, sync-free ``grouped`` layout (``hidream.forward.moe``: grouped GEMMs
+over the routed tokens, diffusers' FLOPs, 0.96x its MoE wall time on the CPU benchmark), so at
+a fixed size the whole forward makes no host sync (``hidream.forward.syncs`` counts them; tested) and a
+cache decision reads one scalar. With ``compile="blocks"`` every block runs through one
+regionally compiled callable per block class (``hidream.forward.compile``). Where grouped_mm would
+sync (CUDA other than bf16 on compute capability 9.x/10.x) or cannot compute the experts
+exactly (LoRA wrappers), compiled blocks use the ``dense`` layout (1.75x the expert FLOPs, no
+sync) and eager runs diffusers' own MoE.
 """
 
 from __future__ import annotations
@@ -93,9 +95,11 @@ class TransformerRunner:
     Args:
         transformer: the shared diffusers transformer; never modified (the MoE swap is
             undone after each block call).
-        moe: ``auto`` (default: ``dense`` with ``compile="blocks"``, else diffusers' own MoE),
-            ``dense`` or ``gather`` (the static layouts of ``hidream.forward.moe``), or None for
-            diffusers' own MoE (one host sync per MoE layer).
+        moe: ``auto`` (default: ``grouped``; where grouped_mm would sync or cannot run, e.g.
+            LoRA wrappers on the experts, ``dense`` with ``compile="blocks"``, else diffusers'
+            own MoE), ``grouped``, ``dense`` or ``gather`` (the static layouts of
+            ``hidream.forward.moe``; ``grouped`` falls back to ``dense``), or None for diffusers' own
+            MoE (one host sync per MoE layer).
         compile: ``off`` or ``blocks`` (regional compile, ``hidream.forward.compile``).
     """
 
@@ -107,9 +111,10 @@ class TransformerRunner:
         self.num_double = len(self.double_blocks)
         self.num_blocks = self.num_double + len(self.single_blocks)
         self._blocks = self.double_blocks + self.single_blocks  # one flat index, as run_blocks takes
-        if moe == "auto":
-            moe = "dense" if compile == "blocks" else None
-        self._moe = StaticMoE(self._blocks, moe) if moe is not None else None
+        fallback = "dense"
+        if moe == "auto":  # eager: where grouped would sync, diffusers' MoE (fewer FLOPs than dense)
+            moe, fallback = "grouped", ("dense" if compile == "blocks" else "diffusers")
+        self._moe = StaticMoE(self._blocks, moe, fallback) if moe is not None else None
         self._caller = BlockCaller(compile)
 
     @property
