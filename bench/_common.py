@@ -70,7 +70,7 @@ def random_conditioning(seed: int = 0):
     import torch
 
     load_pack()
-    from hidream_pack.hidream import text  # type: ignore[import-not-found]
+    from hidream_pack.hidream.model import text  # type: ignore[import-not-found]
 
     g = torch.Generator().manual_seed(seed)
     layers = len(BENCH_CONFIG["llama_layers"])

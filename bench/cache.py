@@ -165,12 +165,12 @@ def print_rows(rows: list[dict]) -> None:
         )
 
 
-def cachedit_pipeline(transformer, width: int, height: int):
+def cachedit_pipeline(transformer):
     import cache_dit
     from cache_dit import DBCacheConfig
     from sampler_vs_diffusers import diffusers_pipeline
 
-    pipe = diffusers_pipeline(copy.deepcopy(transformer), width, height)
+    pipe = diffusers_pipeline(copy.deepcopy(transformer))
     config = DBCacheConfig(
         Fn_compute_blocks=CD["fn"],
         Bn_compute_blocks=CD["bn"],
@@ -190,9 +190,9 @@ def versus_cachedit(run: Runner, transformer, cond, num_blocks: int, repeats: in
     from sampler_vs_diffusers import diffusers_pipeline, run_diffusers
 
     width = height = 256
-    plain = diffusers_pipeline(transformer, width, height)
+    plain = diffusers_pipeline(transformer)
     t_plain = timed(lambda: run_diffusers(plain, cond, width, height, STEPS, 0))[1]
-    pipe = cachedit_pipeline(transformer, width, height)
+    pipe = cachedit_pipeline(transformer)
     config = cachedit_equivalent()
     walls: dict[str, list[float]] = {"ours": [], "cache-dit": []}
     calls = {

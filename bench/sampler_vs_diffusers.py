@@ -12,64 +12,24 @@ token count. The last line is the figure the README quotes:
 from __future__ import annotations
 
 import argparse
-import math
 
 from _common import bench_transformer, load_pack, min_time, model_handle, random_conditioning, setup_threads
 
 
-def diffusers_pipeline(transformer, width: int, height: int):
-    """A HiDreamImagePipeline holding only the transformer and the Full default scheduler."""
-    from diffusers import HiDreamImagePipeline, UniPCMultistepScheduler
+def diffusers_pipeline(transformer):
+    """A HiDreamImagePipeline holding only the transformer and the Full default scheduler
+    (``hidream.model.reference``, shared with the tests; each run sets its sample size)."""
+    from diffusers import UniPCMultistepScheduler
+    from hidream_pack.hidream.model.reference import diffusers_pipeline as pipeline
     from hidream_pack.hidream.sampling.schedulers import HIDREAM_FULL_SCHEDULER_CONFIG
 
-    pipe = HiDreamImagePipeline(
-        scheduler=UniPCMultistepScheduler.from_config(HIDREAM_FULL_SCHEDULER_CONFIG),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        text_encoder_4=None,
-        tokenizer_4=None,
-        transformer=transformer,
-    )
-    pipe.default_sample_size = exact_sample_size(width, height)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def exact_sample_size(width: int, height: int) -> int:
-    """The pipeline rescales every request to ``(default_sample_size * 8) ** 2`` pixels and
-    rounds down to multiples of 16; find a sample size that maps this request onto itself."""
-    guess = round(math.sqrt(width * height) / 8)
-    for size in range(max(guess - 4, 1), guess + 8):
-        scale = math.sqrt((size * 8) ** 2 / (width * height))
-        if (int(width * scale // 16 * 16), int(height * scale // 16 * 16)) == (width, height):
-            return size
-    raise SystemExit(f"no default_sample_size makes diffusers' pipeline produce {width}x{height}")
+    return pipeline(transformer, UniPCMultistepScheduler.from_config(HIDREAM_FULL_SCHEDULER_CONFIG))
 
 
 def run_diffusers(pipe, cond, width: int, height: int, steps: int, seed: int):
-    import torch
+    from hidream_pack.hidream.model.reference import diffusers_latents
 
-    pos, neg = cond.positive, cond.negative
-    return pipe(
-        prompt_embeds_t5=pos.t5,
-        prompt_embeds_llama3=pos.llama,
-        pooled_prompt_embeds=pos.pooled,
-        negative_prompt_embeds_t5=neg.t5,
-        negative_prompt_embeds_llama3=neg.llama,
-        negative_pooled_prompt_embeds=neg.pooled,
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-        return_dict=False,
-    )[0]
+    return diffusers_latents(pipe, width=width, height=height, steps=steps, cfg=5.0, seed=seed, cond=cond)
 
 
 def run_ours(model, cond, width: int, height: int, steps: int, seed: int):
@@ -87,7 +47,7 @@ def run_ours(model, cond, width: int, height: int, steps: int, seed: int):
 
 
 def compare(model, transformer, cond, width: int, height: int, steps: int, repeats: int) -> float:
-    pipe = diffusers_pipeline(transformer, width, height)
+    pipe = diffusers_pipeline(transformer)
     ours = run_ours(model, cond, width, height, steps, seed=0)
     theirs = run_diffusers(pipe, cond, width, height, steps, seed=0)
     if tuple(theirs.shape) != tuple(ours.shape):

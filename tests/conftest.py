@@ -33,7 +33,53 @@ def _load_pack() -> None:
 _load_pack()
 
 # Tiny models: thread start-up costs more than it saves, and one thread keeps CPU results
-# independent of the machine's core count.
+# independent of the machine's core count. With other processes on the machine a second
+# intra-op thread only spins (measured 10 ms vs 500 ms per tiny-transformer forward on a loaded
+# 2-core machine). Set once here, for every test module and for collection.
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory) -> dict[str, Path]:
+    """The tiny models (``hidream.model.tiny``), written once per session under the base temp
+    folder and checked (not rewritten) by each module that asks."""
+    from hidream_pack.hidream.model import tiny
+
+    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer():
+    """The tiny transformer (fp32, diffusers' own init under seed 0), one per test module.
+
+    Tests must not change it: copy it (``copy.deepcopy``) to attach adapters or edit weights."""
+    from diffusers import HiDreamImageTransformer2DModel
+    from hidream_pack.hidream.model import tiny
+
+    torch.manual_seed(0)
+    return HiDreamImageTransformer2DModel(**tiny.TINY_TRANSFORMER_CONFIG).eval()
+
+
+@pytest.fixture
+def point_models_dir():
+    """``point(folder)`` makes ``folder`` the pack's models folder for this test; unset after it."""
+    from hidream_pack.hidream.model import paths
+
+    def point(folder: Path) -> Path:
+        paths.set_models_dir(folder)
+        return folder
+
+    yield point
+    paths.set_models_dir(None)
+
+
+@pytest.fixture
+def models_dir(tiny_paths, point_models_dir) -> Path:
+    """The tiny models' folder as the pack's models folder, for one test."""
+    return point_models_dir(tiny_paths["models_dir"])

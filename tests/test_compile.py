@@ -12,14 +12,12 @@ import logging
 
 import pytest
 import torch
-from diffusers import HiDreamImageTransformer2DModel
 from hidream_pack.hidream.cache import policy as cache_mod
 from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig
 from hidream_pack.hidream.forward import compile as compile_mod
 from hidream_pack.hidream.forward.runner import TransformerRunner
 from hidream_pack.hidream.lora import session as lora
 from hidream_pack.hidream.lora import spec as lora_spec
-from hidream_pack.hidream.model import tiny
 from hidream_pack.hidream.model.handle import HiDreamModel
 from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
 from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
@@ -29,14 +27,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-TINY = tiny.TINY_TRANSFORMER_CONFIG
 BLOCK_CLASSES = 2  # double-stream and single-stream
-
-
-@pytest.fixture(scope="module")
-def pristine() -> HiDreamImageTransformer2DModel:
-    torch.manual_seed(0)
-    return HiDreamImageTransformer2DModel(**TINY).eval()
 
 
 @pytest.fixture
@@ -76,9 +67,9 @@ def _graph_breaks() -> int:
 
 
 # -- one graph per block class ------------------------------------------------------------------
-def test_one_graph_per_block_class_shared_by_every_block(pristine, eager_backend):
-    eager = TransformerRunner(pristine, moe="grouped")
-    compiled = TransformerRunner(pristine, compile="blocks")
+def test_one_graph_per_block_class_shared_by_every_block(tiny_transformer, eager_backend):
+    eager = TransformerRunner(tiny_transformer, moe="grouped")
+    compiled = TransformerRunner(tiny_transformer, compile="blocks")
     before = compile_mod.graph_count()
     got = _forward(compiled)
     assert compile_mod.graph_count() - before == BLOCK_CLASSES
@@ -87,18 +78,18 @@ def test_one_graph_per_block_class_shared_by_every_block(pristine, eager_backend
     assert torch.equal(got, _forward(eager))
     # another timestep, another runner on the same weights: nothing new to compile
     _forward(compiled, t=250.0)
-    _forward(TransformerRunner(pristine, compile="blocks"), t=100.0)
+    _forward(TransformerRunner(tiny_transformer, compile="blocks"), t=100.0)
     assert compile_mod.graph_count() - before == BLOCK_CLASSES
 
 
-def test_diffusers_moe_would_break_every_graph(pristine, eager_backend):
+def test_diffusers_moe_would_break_every_graph(tiny_transformer, eager_backend):
     """What the static MoE removes: diffusers' MoE copies counts to the CPU inside the block."""
-    _forward(TransformerRunner(pristine, moe=None, compile="blocks"))
+    _forward(TransformerRunner(tiny_transformer, moe=None, compile="blocks"))
     assert _graph_breaks() > 0
 
 
-def test_skipped_blocks_cause_no_recompile(pristine, eager_backend):
-    runner = TransformerRunner(pristine, compile="blocks")
+def test_skipped_blocks_cause_no_recompile(tiny_transformer, eager_backend):
+    runner = TransformerRunner(tiny_transformer, compile="blocks")
     _forward(runner)  # compiles at this size and batch
     before = compile_mod.graph_count()
     x, _, t5, llama, pooled = _inputs()
@@ -117,9 +108,9 @@ def test_skipped_blocks_cause_no_recompile(pristine, eager_backend):
 
 
 # -- LoRA stages ---------------------------------------------------------------------------------
-def _lora_file(pristine, seed: int, path) -> str:
+def _lora_file(tiny_transformer, seed: int, path) -> str:
     torch.manual_seed(seed)
-    model = copy.deepcopy(pristine)
+    model = copy.deepcopy(tiny_transformer)
     targets = r".*\.(to_q|to_k|to_v|w1|w2|w3)$"
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8.0, target_modules=targets), model)
     for name, param in model.named_parameters():
@@ -133,13 +124,13 @@ def _lora_file(pristine, seed: int, path) -> str:
     ("merge", "new_graphs"), [("on", [BLOCK_CLASSES, 0, 0, 0]), ("off", [BLOCK_CLASSES] * 2 + [0, 0])]
 )
 def test_lora_stage_switches_compile_once_per_lora_state(
-    pristine, eager_backend, tmp_path, merge, new_graphs
+    tiny_transformer, eager_backend, tmp_path, merge, new_graphs
 ):
     """high stage -> low stage -> high -> low. Merged LoRAs swap weight tensors, which are graph
     inputs: no recompile. Live ones (PEFT adapters) change the modules dynamo guards on: each
     LoRA state compiles each block class once, and a state seen before compiles nothing."""
-    base = copy.deepcopy(pristine)
-    a, b = (_lora_file(pristine, seed, tmp_path / f"{seed}.safetensors") for seed in (11, 22))
+    base = copy.deepcopy(tiny_transformer)
+    a, b = (_lora_file(tiny_transformer, seed, tmp_path / f"{seed}.safetensors") for seed in (11, 22))
     specs = [
         lora_spec.LoraSpec(path=a, weight=0.8, stage="high", merge=merge),
         lora_spec.LoraSpec(path=b, weight=-0.5, stage="low", merge=merge),
@@ -158,12 +149,14 @@ def test_lora_stage_switches_compile_once_per_lora_state(
 
 
 # -- fallback ---------------------------------------------------------------------------------
-def test_unavailable_compile_runs_eagerly_with_one_warning(pristine, eager_backend, monkeypatch, caplog):
+def test_unavailable_compile_runs_eagerly_with_one_warning(
+    tiny_transformer, eager_backend, monkeypatch, caplog
+):
     monkeypatch.setattr(compile_mod, "unavailable_reason", lambda device: "no C++ compiler (test)")
-    want = _forward(TransformerRunner(pristine, moe="grouped"))
+    want = _forward(TransformerRunner(tiny_transformer, moe="grouped"))
     before = compile_mod.graph_count()
     with caplog.at_level(logging.WARNING, logger=compile_mod.__name__):
-        runners = [TransformerRunner(pristine, compile="blocks") for _ in range(2)]
+        runners = [TransformerRunner(tiny_transformer, compile="blocks") for _ in range(2)]
         outs = [_forward(r) for r in runners for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records if r.name == compile_mod.__name__]
     assert warnings == ["compile=blocks: running the blocks eagerly instead: no C++ compiler (test)"]
@@ -171,7 +164,7 @@ def test_unavailable_compile_runs_eagerly_with_one_warning(pristine, eager_backe
     assert compile_mod.graph_count() == before and not runners[0].compiled
 
 
-def test_failing_compile_runs_eagerly_with_one_warning(pristine, eager_backend, monkeypatch, caplog):
+def test_failing_compile_runs_eagerly_with_one_warning(tiny_transformer, eager_backend, monkeypatch, caplog):
     from torch._dynamo.exc import TorchDynamoException
 
     def broken(block):
@@ -181,13 +174,13 @@ def test_failing_compile_runs_eagerly_with_one_warning(pristine, eager_backend, 
         return call
 
     monkeypatch.setattr(compile_mod, "_compiled", broken)
-    runner = TransformerRunner(pristine, compile="blocks")
+    runner = TransformerRunner(tiny_transformer, compile="blocks")
     with caplog.at_level(logging.WARNING, logger=compile_mod.__name__):
         got = [_forward(runner) for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records if r.name == compile_mod.__name__]
     assert len(warnings) == 1
     assert warnings[0].endswith("failed: backend exploded")
-    assert torch.equal(got[0], _forward(TransformerRunner(pristine, moe="grouped"))) and torch.equal(
+    assert torch.equal(got[0], _forward(TransformerRunner(tiny_transformer, moe="grouped"))) and torch.equal(
         got[0], got[1]
     )
     assert not runner.compiled
@@ -198,13 +191,13 @@ def test_compile_is_available_here_on_the_cpu():
     assert compile_mod.unavailable_reason("cpu") is None
 
 
-def test_inductor_matches_eager(pristine):
+def test_inductor_matches_eager(tiny_transformer):
     """The real backend on this CPU: inductor's fused kernels round differently, within 1e-5."""
     torch._dynamo.reset()
-    runner = TransformerRunner(pristine, compile="blocks")
+    runner = TransformerRunner(tiny_transformer, compile="blocks")
     got = _forward(runner, batch=1)
     assert runner.compiled
-    assert (got - _forward(TransformerRunner(pristine, moe=None), batch=1)).abs().max().item() <= 1e-5
+    assert (got - _forward(TransformerRunner(tiny_transformer, moe=None), batch=1)).abs().max().item() <= 1e-5
     torch._dynamo.reset()
 
 
@@ -222,12 +215,12 @@ def _cond() -> Conditioning:
     return Conditioning(positive=embeds(), negative=embeds())
 
 
-def test_sampling_with_compile_equals_eager_and_logs_its_graphs(pristine, eager_backend, caplog):
+def test_sampling_with_compile_equals_eager_and_logs_its_graphs(tiny_transformer, eager_backend, caplog):
     eager = HiDreamModel(
-        transformer=pristine, variant="full", dtype=torch.float32, device=torch.device("cpu")
+        transformer=tiny_transformer, variant="full", dtype=torch.float32, device=torch.device("cpu")
     )
     compiled = HiDreamModel(
-        transformer=pristine,
+        transformer=tiny_transformer,
         variant="full",
         dtype=torch.float32,
         device=torch.device("cpu"),
@@ -253,10 +246,12 @@ def test_bad_compile_value_is_an_error_naming_it(value):
         HiDreamI1ModelLoader().load("x.safetensors", "auto", "bf16", "gpu", compile=value)
 
 
-def test_compile_handle_is_new_and_shares_the_weights(pristine):
+def test_compile_handle_is_new_and_shares_the_weights(tiny_transformer):
     from hidream_pack.nodes.loaders import _with_compile
 
-    base = HiDreamModel(transformer=pristine, variant="full", dtype=torch.float32, device=torch.device("cpu"))
+    base = HiDreamModel(
+        transformer=tiny_transformer, variant="full", dtype=torch.float32, device=torch.device("cpu")
+    )
     compiled = _with_compile(base, "blocks")
     assert compiled.compile == "blocks" and base.compile == "off"
     assert compiled.transformer is base.transformer

@@ -11,11 +11,6 @@ from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
 from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 
 
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-
-
 def _load(path, fp8_weights: bool):
     return loading.load_transformer(path, dtype="fp32", device="cpu", fp8_weights=fp8_weights)
 

@@ -15,15 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from hidream_pack.hidream.lora import formats as lora_formats
-from hidream_pack.hidream.model import checkpoint, loading, tiny
+from hidream_pack.hidream.model import checkpoint, loading
 from safetensors.torch import load_file, save_file
 
 BLOCK_WEIGHT = "double_stream_blocks.0.block.ff_i.shared_experts.w1.weight"
-
-
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
 
 
 def raw_file(path: Path, header: str | bytes, data: bytes = b"") -> Path:

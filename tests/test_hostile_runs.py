@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from hidream_pack import cli
-from hidream_pack.hidream.model import loading, tiny
+from hidream_pack.hidream.model import loading
 from hidream_pack.hidream.runware import delivery, output, safety
 from hidream_pack.hidream.runware import run as task_runner
 from hidream_pack.hidream.runware.task import TaskValidationError, parse_tasks, read_task_file
@@ -38,11 +38,6 @@ def no_proxy(monkeypatch):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-
-
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream.model import fp8, loading, paths, tiny
+from hidream_pack.hidream.model import fp8, loading, paths
 from hidream_pack.nodes import loaders as loader_nodes
 from safetensors.torch import load_file, save_file
 
 PREFIX = "model.diffusion_model."
-
-
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-
-
-@pytest.fixture
-def models_dir(tiny_paths):
-    paths.set_models_dir(tiny_paths["models_dir"])
-    yield tiny_paths["models_dir"]
-    paths.set_models_dir(None)
 
 
 @pytest.fixture(scope="module")

@@ -14,31 +14,22 @@ import math
 
 import pytest
 import torch
-from diffusers import HiDreamImageTransformer2DModel
 from hidream_pack.hidream.lora import formats as lora_formats
 from hidream_pack.hidream.lora import session as lora
 from hidream_pack.hidream.lora import spec as lora_spec
-from hidream_pack.hidream.model import tiny
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-TINY = tiny.TINY_TRANSFORMER_CONFIG
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK
 
 
 @pytest.fixture(scope="module")
-def pristine():
-    torch.manual_seed(0)
-    return HiDreamImageTransformer2DModel(**TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def peft_lora(pristine):
+def peft_lora(tiny_transformer):
     """(peft model holding adapter 'default', its state dict in peft keys)."""
     torch.manual_seed(5)
-    model = copy.deepcopy(pristine)
+    model = copy.deepcopy(tiny_transformer)
     targets = r".*\.(to_q|to_k|to_v|to_out|to_q_t|to_k_t|to_v_t|to_out_t|w1|w2|w3|adaLN_modulation\.1)$"
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets), model)
     for name, param in model.named_parameters():
@@ -133,23 +124,23 @@ EXPECTED_FORMAT = {
 
 
 @pytest.fixture(scope="module")
-def reference(pristine, peft_lora):
+def reference(tiny_transformer, peft_lora):
     _, sd = peft_lora
-    model = copy.deepcopy(pristine)
+    model = copy.deepcopy(tiny_transformer)
     with torch.no_grad():
         for module, (a, b) in _pairs(sd).items():
             model.get_submodule(module).weight += 0.6 * SCALE * (b @ a)
     want = _run(model)
-    assert (want - _run(pristine)).abs().max() > 1e-3
+    assert (want - _run(tiny_transformer)).abs().max() > 1e-3
     return want
 
 
 @pytest.mark.parametrize("fmt", list(WRITERS))
-def test_every_format_gives_the_same_output(pristine, peft_lora, reference, fmt, tmp_path):
+def test_every_format_gives_the_same_output(tiny_transformer, peft_lora, reference, fmt, tmp_path):
     model, sd = peft_lora
     path = tmp_path / "lora.safetensors"
     WRITERS[fmt](copy.deepcopy(model), sd, path)
-    target = copy.deepcopy(pristine)
+    target = copy.deepcopy(tiny_transformer)
     with lora.LoraSession(target, [lora_spec.LoraSpec(path=str(path), weight=0.6, stage="both")]) as s:
         entry = lora.loaded_adapters(target)[str(path)]
         assert entry.format == EXPECTED_FORMAT.get(fmt, fmt)
@@ -159,9 +150,9 @@ def test_every_format_gives_the_same_output(pristine, peft_lora, reference, fmt,
     assert (got - reference).abs().max().item() <= 1e-5
 
 
-def test_alpha_scales_as_alpha_over_rank(pristine, peft_lora):
+def test_alpha_scales_as_alpha_over_rank(tiny_transformer, peft_lora):
     _, sd = peft_lora
-    shapes = lora_formats.linear_module_shapes(pristine)
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     for alpha, rank_scale in [(8.0, 2.0), (1.0, 0.25), (4.0, 1.0)]:
         kohya = _down_up(sd, lambda n: f"lora_unet_{_flat(n)}")
         for k in kohya:
@@ -173,16 +164,16 @@ def test_alpha_scales_as_alpha_over_rank(pristine, peft_lora):
     assert {m.alpha for m in no_alpha.modules.values()} == {float(RANK)}  # missing alpha = rank (scale 1)
 
 
-def test_rslora_metadata_becomes_plain_alpha(pristine, peft_lora):
+def test_rslora_metadata_becomes_plain_alpha(tiny_transformer, peft_lora):
     _, sd = peft_lora
-    shapes = lora_formats.linear_module_shapes(pristine)
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     meta = {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "use_rslora": True})}
     conv = lora_formats.convert_state_dict(sd, shapes, meta)
     assert {m.alpha / m.rank for m in conv.modules.values()} == {8 / math.sqrt(RANK)}
 
 
-def test_kohya_names_map_to_the_right_module(pristine):
-    shapes = lora_formats.linear_module_shapes(pristine)
+def test_kohya_names_map_to_the_right_module(tiny_transformer):
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     sd = {
         "lora_unet_double_stream_blocks_1_block_attn1_to_q_t.lora_down.weight": torch.zeros(2, 32),
         "lora_unet_double_stream_blocks_1_block_attn1_to_q_t.lora_up.weight": torch.zeros(32, 2),
@@ -198,9 +189,9 @@ def test_kohya_names_map_to_the_right_module(pristine):
     assert conv.format == "kohya (lora_unet_*)"
 
 
-def test_partial_match_warns_with_skipped_count(pristine, peft_lora, caplog):
+def test_partial_match_warns_with_skipped_count(tiny_transformer, peft_lora, caplog):
     _, sd = peft_lora
-    shapes = lora_formats.linear_module_shapes(pristine)
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     kohya = _down_up(sd, lambda n: f"lora_unet_{_flat(n)}")
     extra = {
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
@@ -216,8 +207,8 @@ def test_partial_match_warns_with_skipped_count(pristine, peft_lora, caplog):
     assert f"loaded {len(kohya)} of {len(kohya) + 4} keys; skipped 4" in caplog.text
 
 
-def test_foreign_file_errors_with_match_count(pristine):
-    shapes = lora_formats.linear_module_shapes(pristine)
+def test_foreign_file_errors_with_match_count(tiny_transformer):
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     flux = {  # a Flux kohya LoRA: right layout, wrong model
         "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 32),
         "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(96, 4),
@@ -240,8 +231,8 @@ def test_foreign_file_errors_with_match_count(pristine):
         ("diffusion_model.double_stream_blocks.0.block.attn1.to_q.diff", "full weight difference"),
     ],
 )
-def test_unsupported_formats_are_named(pristine, key, name):
-    shapes = lora_formats.linear_module_shapes(pristine)
+def test_unsupported_formats_are_named(tiny_transformer, key, name):
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     sd = {
         "diffusion_model.double_stream_blocks.0.block.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
         "diffusion_model.double_stream_blocks.0.block.attn1.to_q.lora_B.weight": torch.zeros(32, 4),
@@ -251,15 +242,15 @@ def test_unsupported_formats_are_named(pristine, key, name):
         lora_formats.convert_state_dict(sd, shapes, source="x.safetensors")
 
 
-def test_dora_in_metadata_is_named(pristine, peft_lora):
-    shapes = lora_formats.linear_module_shapes(pristine)
+def test_dora_in_metadata_is_named(tiny_transformer, peft_lora):
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True})}
     with pytest.raises(ValueError, match="is a DoRA file"):
         lora_formats.convert_state_dict(peft_lora[1], shapes, meta)
 
 
-def test_wrong_shapes_error(pristine):
-    shapes = lora_formats.linear_module_shapes(pristine)
+def test_wrong_shapes_error(tiny_transformer):
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     sd = {
         "transformer.double_stream_blocks.0.block.attn1.to_q.lora_A.weight": torch.zeros(4, 3072),
         "transformer.double_stream_blocks.0.block.attn1.to_q.lora_B.weight": torch.zeros(3072, 4),
@@ -268,17 +259,17 @@ def test_wrong_shapes_error(pristine):
         lora_formats.convert_state_dict(sd, shapes)
 
 
-def test_shapes_see_through_peft_wrappers(pristine, peft_lora):
+def test_shapes_see_through_peft_wrappers(tiny_transformer, peft_lora):
     model, _ = peft_lora
-    assert lora_formats.linear_module_shapes(model) == lora_formats.linear_module_shapes(pristine)
+    assert lora_formats.linear_module_shapes(model) == lora_formats.linear_module_shapes(tiny_transformer)
 
 
-def test_mixed_ranks_and_alphas(pristine, tmp_path):
+def test_mixed_ranks_and_alphas(tiny_transformer, tmp_path):
     """Per-module rank and alpha survive loading (peft rank_pattern / alpha_pattern)."""
-    shapes = lora_formats.linear_module_shapes(pristine)
+    shapes = lora_formats.linear_module_shapes(tiny_transformer)
     g = torch.Generator().manual_seed(8)
     picks = [m for m in sorted(shapes) if m.endswith(("to_q", "to_out", "w2", "linear_1"))]
-    sd, want = {}, copy.deepcopy(pristine)
+    sd, want = {}, copy.deepcopy(tiny_transformer)
     with torch.no_grad():
         for i, module in enumerate(picks):
             rank, alpha = (2, 4, 8)[i % 3], (1.0, 4.0, 16.0, 3.0)[i % 4]
@@ -294,11 +285,11 @@ def test_mixed_ranks_and_alphas(pristine, tmp_path):
             )
             want.get_submodule(module).weight += -0.8 * (alpha / rank) * (up @ down)
     save_file(sd, str(tmp_path / "mixed.safetensors"))
-    target = copy.deepcopy(pristine)
+    target = copy.deepcopy(tiny_transformer)
     with lora.LoraSession(
         target, [lora_spec.LoraSpec(path=str(tmp_path / "mixed.safetensors"), weight=-0.8, stage="low")]
     ) as s:
         s.on_step(0.1)
         got = _run(target)
     assert (got - _run(want)).abs().max().item() <= 1e-5
-    assert (got - _run(pristine)).abs().max().item() > 1e-3
+    assert (got - _run(tiny_transformer)).abs().max().item() > 1e-3

@@ -1,20 +1,11 @@
-"""The engine's forward equals diffusers' forward on square inputs and runs any size."""
+"""The engine's forward equals diffusers' forward, square and non-square, and runs any size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import HiDreamImageTransformer2DModel
 from hidream_pack.hidream.forward.runner import TransformerRunner, patchify, unpatchify
-from hidream_pack.hidream.model import tiny
-
-TINY = tiny.TINY_TRANSFORMER_CONFIG
-
-
-@pytest.fixture(scope="module")
-def transformer() -> HiDreamImageTransformer2DModel:
-    torch.manual_seed(0)
-    return HiDreamImageTransformer2DModel(**TINY).eval()
+from hidream_pack.hidream.model.reference import diffusers_forward
 
 
 def _inputs(batch: int, h: int, w: int, seed: int = 1):
@@ -29,43 +20,44 @@ def _inputs(batch: int, h: int, w: int, seed: int = 1):
 
 
 @pytest.mark.parametrize("side", [16, 32, 48])
-def test_forward_equals_diffusers_on_square_inputs(transformer, side):
+def test_forward_equals_diffusers_on_square_inputs(tiny_transformer, side):
     x, t, t5, llama, pooled = _inputs(2, side, side)
+    ref = diffusers_forward(tiny_transformer, x, t, t5, llama, pooled)
     with torch.no_grad():
-        ref = transformer(
-            hidden_states=x,
-            timesteps=t,
-            encoder_hidden_states_t5=t5,
-            encoder_hidden_states_llama3=llama,
-            pooled_embeds=pooled,
-            return_dict=False,
-        )[0]
-        ours = TransformerRunner(transformer).forward(x, t, t5, llama, pooled)
+        ours = TransformerRunner(tiny_transformer).forward(x, t, t5, llama, pooled)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
-def test_int64_timesteps_like_unipc_are_accepted(transformer):
+def test_int64_timesteps_like_unipc_are_accepted(tiny_transformer):
     x, _, t5, llama, pooled = _inputs(1, 16, 16)
     t = torch.tensor([999], dtype=torch.int64)
+    ref = diffusers_forward(tiny_transformer, x, t, t5, llama, pooled)
     with torch.no_grad():
-        ref = transformer(
-            hidden_states=x,
-            timesteps=t,
-            encoder_hidden_states_t5=t5,
-            encoder_hidden_states_llama3=llama,
-            pooled_embeds=pooled,
-            return_dict=False,
-        )[0]
-        ours = TransformerRunner(transformer).forward(x, t, t5, llama, pooled)
+        ours = TransformerRunner(tiny_transformer).forward(x, t, t5, llama, pooled)
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize(("batch", "h", "w"), [(1, 48, 32), (2, 32, 48), (1, 16, 48), (1, 96, 32)])
+def test_non_square_equals_diffusers_at_the_exact_token_count(tiny_transformer, batch, h, w):
+    """Bit-equal to diffusers' forward on diffusers' own tokens and position ids at the image's
+    token count. Swapping rows and columns anywhere (ids, patch layout, unpatchify) fails this;
+    so would running diffusers' padded layout, whose zeroed keys still take softmax weight."""
+    x, t, t5, llama, pooled = _inputs(batch, h, w)
+    ref = diffusers_forward(tiny_transformer, x, t, t5, llama, pooled, exact_tokens=True)
+    with torch.no_grad():
+        ours = TransformerRunner(tiny_transformer).forward(x, t, t5, llama, pooled)
+        swapped = TransformerRunner(tiny_transformer).forward(x.mT.contiguous(), t, t5, llama, pooled).mT
+    assert ours.shape == ref.shape == (batch, 16, h, w)
+    assert torch.equal(ours, ref)
+    assert (swapped - ref).abs().max().item() > 0.1  # the check can tell rows from columns
+
+
 @pytest.mark.parametrize(("h", "w"), [(192, 128), (16, 48), (96, 32)])
-def test_non_square_runs_at_exact_size_without_padding(transformer, h, w):
+def test_non_square_runs_at_exact_size_without_padding(tiny_transformer, h, w):
     """1024x1536 (latent 192x128 = 6144 tokens) does not fit diffusers' 4096-token padding."""
     x, t, t5, llama, pooled = _inputs(1, h, w)
-    runner = TransformerRunner(transformer)
+    runner = TransformerRunner(tiny_transformer)
     with torch.no_grad():
         ctx = runner.prepare(x, t, t5, llama, pooled)
         out = runner.forward(x, t, t5, llama, pooled)
@@ -74,10 +66,10 @@ def test_non_square_runs_at_exact_size_without_padding(transformer, h, w):
     assert torch.isfinite(out).all()
 
 
-def test_block_ranges_compose_to_the_full_forward(transformer):
+def test_block_ranges_compose_to_the_full_forward(tiny_transformer):
     """Running blocks in two ranges (what the caches do) equals running them at once."""
     x, t, t5, llama, pooled = _inputs(1, 16, 32)
-    runner = TransformerRunner(transformer)
+    runner = TransformerRunner(tiny_transformer)
     with torch.no_grad():
         ctx = runner.prepare(x, t, t5, llama, pooled)
         full_img, full_txt = runner.run_blocks(ctx, 0, runner.num_blocks, ctx.img, ctx.txt)

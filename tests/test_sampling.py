@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, UniPCMultistepScheduler
-from hidream_pack.hidream.model import loading, tiny
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from hidream_pack.hidream.model import loading
 from hidream_pack.hidream.model.handle import HiDreamModel
+from hidream_pack.hidream.model.reference import diffusers_latents, diffusers_pipeline
 from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds, encode_prompts
 from hidream_pack.hidream.model.vae import decode
 from hidream_pack.hidream.sampling.loop import (
@@ -20,11 +21,6 @@ from hidream_pack.hidream.sampling.schedulers import HIDREAM_FULL_SCHEDULER_CONF
 
 
 @pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-
-
-@pytest.fixture(scope="module")
 def parts(tiny_paths):
     """(HiDreamModel, TextEncoders, VaeHandle) in fp32 on the CPU from the diffusers folder."""
     return loading.load_diffusers_folder(tiny_paths["diffusers"], dtype="fp32", device="cpu")
@@ -35,39 +31,23 @@ def cond(parts) -> Conditioning:
     return encode_prompts(parts[1], "a lighthouse at dusk", "blurry", max_sequence_length=24)
 
 
-def _pipeline(parts, scheduler) -> HiDreamImagePipeline:
+def _pipeline(parts, scheduler):
     model, enc, vae = parts
-    pipe = HiDreamImagePipeline(
-        scheduler=scheduler,
-        vae=vae.vae,
-        text_encoder=enc.text_encoder,
-        tokenizer=enc.tokenizer,
-        text_encoder_2=enc.text_encoder_2,
-        tokenizer_2=enc.tokenizer_2,
-        text_encoder_3=enc.text_encoder_3,
-        tokenizer_3=enc.tokenizer_3,
-        text_encoder_4=enc.text_encoder_4,
-        tokenizer_4=enc.tokenizer_4,
-        transformer=model.transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(model.transformer, scheduler, text=enc, vae=vae)
 
 
 def _diffusers_latents(pipe, size: int, steps: int, cfg: float, seed: int) -> torch.Tensor:
-    pipe.default_sample_size = size // 8  # so the pipeline keeps the requested size
-    scaled = pipe(
-        prompt="a lighthouse at dusk",
-        negative_prompt="blurry",
+    scaled = diffusers_latents(
+        pipe,
         width=size,
         height=size,
-        num_inference_steps=steps,
-        guidance_scale=cfg,
+        steps=steps,
+        cfg=cfg,
+        seed=seed,
+        prompt="a lighthouse at dusk",
+        negative_prompt="blurry",
         max_sequence_length=24,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-        return_dict=False,
-    )[0]
+    )
     return scaled / FLUX_VAE_SCALING + FLUX_VAE_SHIFT  # ComfyUI's raw VAE-space convention
 
 

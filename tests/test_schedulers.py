@@ -35,16 +35,6 @@ STOCHASTIC = [n for n in SCHEDULER_NAMES if schedulers.resolve(SchedulerSpec(n),
 CONSISTENCY = {"engine:lcm", "engine:tcd"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: with other processes on the machine, a second intra-op thread only
-    spins (measured 10 ms vs 500 ms per tiny-transformer forward on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _marginal_std(t: float) -> float:
     return math.sqrt((1 - t) ** 2 * STD**2 + t**2)
 
@@ -206,12 +196,8 @@ def test_named_schedules_reach_the_sampler():
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from diffusers import HiDreamImageTransformer2DModel
-    from hidream_pack.hidream.model.tiny import TINY_TRANSFORMER_CONFIG
-
-    torch.manual_seed(0)
-    transformer = HiDreamImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
+def tiny_model(tiny_transformer):
+    transformer = tiny_transformer
     gen = torch.Generator().manual_seed(1)
     t5, llama = torch.randn(1, 8, 32, generator=gen), torch.randn(4, 1, 8, 32, generator=gen)
     pooled = torch.randn(1, 32, generator=gen)

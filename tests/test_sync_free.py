@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import HiDreamImageTransformer2DModel
 from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
 from hidream_pack.hidream.cache import policy as cache_mod
 from hidream_pack.hidream.cache.config import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
 from hidream_pack.hidream.forward import moe as moe_mod
 from hidream_pack.hidream.forward.runner import TransformerRunner
 from hidream_pack.hidream.forward.syncs import SyncCounter
-from hidream_pack.hidream.model import tiny
 
-TINY = tiny.TINY_TRANSFORMER_CONFIG
 # (dim, MoE hidden) of the tiny model, of the benchmark model (bench/_common.py) and a wider one.
 MOE_SIZES = {"tiny": (32, 128), "bench": (256, 1024), "wide": (384, 1536)}
 MOE_LAYERS_TINY = 4  # 2 double + 2 single blocks, one MoE feed-forward each
-
-
-@pytest.fixture(scope="module")
-def transformer() -> HiDreamImageTransformer2DModel:
-    torch.manual_seed(0)
-    return HiDreamImageTransformer2DModel(**TINY).eval()
 
 
 def _inputs(batch: int = 2, side: int = 16, seed: int = 1):
@@ -171,11 +162,11 @@ def test_static_moe_makes_no_sync_and_diffusers_makes_two():
     assert ours.total == 0
 
 
-def test_bad_moe_mode_is_an_error_naming_it(transformer):
+def test_bad_moe_mode_is_an_error_naming_it(tiny_transformer):
     with pytest.raises(
         ValueError, match="moe: 'sparse' is not a MoE layout; allowed: grouped, dense, gather"
     ):
-        TransformerRunner(transformer, moe="sparse")
+        TransformerRunner(tiny_transformer, moe="sparse")
 
 
 def test_swap_leaves_another_per_instance_forward_alone():
@@ -188,24 +179,24 @@ def test_swap_leaves_another_per_instance_forward_alone():
 
 # -- the forward -------------------------------------------------------------------------------
 @pytest.mark.parametrize("moe", ["auto", *moe_mod.MOE_MODES])
-def test_forward_equals_diffusers_moe_forward(transformer, moe):
+def test_forward_equals_diffusers_moe_forward(tiny_transformer, moe):
     x, t, t5, llama, pooled = _inputs()
     with torch.no_grad():
-        want = TransformerRunner(transformer, moe=None).forward(x, t, t5, llama, pooled)
-        got = TransformerRunner(transformer, moe=moe).forward(x, t, t5, llama, pooled)
+        want = TransformerRunner(tiny_transformer, moe=None).forward(x, t, t5, llama, pooled)
+        got = TransformerRunner(tiny_transformer, moe=moe).forward(x, t, t5, llama, pooled)
     assert (got - want).abs().max().item() <= 1e-5
-    assert not any("forward" in m.__dict__ for m in transformer.modules())
+    assert not any("forward" in m.__dict__ for m in tiny_transformer.modules())
 
 
 @pytest.mark.parametrize("moe", ["auto", *moe_mod.MOE_MODES])
-def test_forward_makes_no_host_sync(transformer, moe):
+def test_forward_makes_no_host_sync(tiny_transformer, moe):
     """``auto`` too: on the CPU the default eager forward runs the grouped layout."""
     x, t, t5, llama, pooled = _inputs()
-    runner = TransformerRunner(transformer, moe=moe)
+    runner = TransformerRunner(tiny_transformer, moe=moe)
     with torch.no_grad(), SyncCounter() as ours:
         runner.forward(x, t, t5, llama, pooled)
     with torch.no_grad(), SyncCounter() as theirs:
-        TransformerRunner(transformer, moe=None).forward(x, t, t5, llama, pooled)
+        TransformerRunner(tiny_transformer, moe=None).forward(x, t, t5, llama, pooled)
     assert ours.total == 0
     assert dict(theirs.ops) == {"bincount": MOE_LAYERS_TINY, "cpu": MOE_LAYERS_TINY}
 
@@ -221,13 +212,13 @@ CACHES = {
 
 
 @pytest.mark.parametrize("name", list(CACHES))
-def test_cache_decisions_read_one_scalar_each(transformer, name):
+def test_cache_decisions_read_one_scalar_each(tiny_transformer, name):
     """Per forward: exactly one read (``tolist`` of the distance sums) per decision taken,
     at most one per decision context, and none where the rules decide without a distance."""
     configs, contexts = CACHES[name]
     steps = 8
     x, _, t5, llama, pooled = _inputs()
-    runner = TransformerRunner(transformer)
+    runner = TransformerRunner(tiny_transformer)
     session = cache_mod.open_cache_session(configs, "full", steps)
     counts, reads = [], []
     with torch.no_grad():

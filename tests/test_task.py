@@ -7,45 +7,22 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 from hidream_pack.hidream.runware import task as task_mod
 from hidream_pack.hidream.runware.task import TaskValidationError, parse_tasks
+from hidream_pack.hidream.sampling.schedulers import SCHEDULER_NAMES
 from hidream_pack.nodes.task import HiDreamI1RunwareTask
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 TASK_DIR = PACK_ROOT / "workflows" / "tasks"
-SPEC_NAMES = PACK_ROOT.parent / "shared" / "spec" / "runware-scheduler-names.txt"
 EXAMPLES = {
     "cathedral": (1024, 1536, 95341, "c02c8676-a2cb-4b12-8e53-09cc6cd14f84"),
     "orchard": (1024, 768, 64095, "ee731c2c-f21b-4193-9d55-a68c219e268f"),
     "glasswright_caravan": (1024, 768, 41485, "623e400e-cc1d-461f-a7aa-3e1992bea0fa"),
     "monorail": (1024, 768, 79278, "6cd4ba4a-9031-4690-bf30-c18e03147f01"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def scheduler_names():
-    """The real scheduler table when it exists; until then the spec's list (same 75 names)."""
-    name = "hidream_pack.hidream.sampling.schedulers"
-    try:
-        from hidream_pack.hidream.sampling.schedulers import SCHEDULER_NAMES
-
-        yield tuple(SCHEDULER_NAMES)
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != name or not SPEC_NAMES.is_file():
-            pytest.skip(f"no scheduler table: {exc}")
-    stand_in = types.ModuleType(name)
-    stand_in.SCHEDULER_NAMES = tuple(SPEC_NAMES.read_text().split("\n")[:-1])
-    sys.modules[name] = stand_in
-    try:
-        yield stand_in.SCHEDULER_NAMES
-    finally:
-        del sys.modules[name]
 
 
 def base() -> dict:
@@ -255,7 +232,7 @@ def test_all_four_examples_as_one_array():
     assert [t.seed for t in tasks] == [95341, 64095, 41485, 79278]
 
 
-def test_full_task_round_trips(scheduler_names):
+def test_full_task_round_trips():
     raw = base() | {
         "negativePrompt": "blurry",
         "CFGScale": 3.5,
@@ -331,9 +308,9 @@ def test_safety_defaults(safety, expected):
     assert (t.safety.check_content, t.safety.mode) == expected
 
 
-def test_every_scheduler_name_accepted(scheduler_names):
-    assert len(scheduler_names) == 75
-    for name in scheduler_names:
+def test_every_scheduler_name_accepted():
+    assert len(SCHEDULER_NAMES) == 75
+    for name in SCHEDULER_NAMES:
         [t] = parse_tasks(base() | {"scheduler": name})
         assert t.scheduler == name
 

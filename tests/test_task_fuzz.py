@@ -17,7 +17,6 @@ import time
 
 import pytest
 import torch
-from hidream_pack.hidream.model import paths
 from hidream_pack.hidream.runware import run as task_runner
 from hidream_pack.hidream.runware.task import _TASK_KEYS, TaskValidationError, parse_tasks, read_task_file
 from safetensors.torch import save_file
@@ -155,12 +154,11 @@ def _names_a_field(line: str) -> bool:
 
 
 @pytest.fixture
-def models_dir(tmp_path):
+def models_dir(tmp_path, point_models_dir):
+    """A models folder holding one LoRA (overrides conftest's tiny-models folder)."""
     (tmp_path / "loras").mkdir()
     save_file({"a.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "loras" / "style.safetensors"))
-    paths.set_models_dir(tmp_path)
-    yield tmp_path
-    paths.set_models_dir(None)
+    return point_models_dir(tmp_path)
 
 
 def test_task_parser_fuzz(tmp_path, models_dir):

@@ -12,17 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hidream_pack.hidream.model import loading, tiny
+from hidream_pack.hidream.model import loading
 from hidream_pack.hidream.runware.run import TaskModels, run_task
 from hidream_pack.hidream.runware.task import parse_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_TASKS = ["cathedral", "orchard", "glasswright_caravan", "monorail"]
-
-
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
 
 
 @pytest.fixture(scope="module")

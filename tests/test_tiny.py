@@ -19,11 +19,6 @@ from safetensors import safe_open
 PREFIX = "model.diffusion_model."
 
 
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-
-
 def _dtypes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (v.dtype, v.shape) for k, v in checkpoint.read_header(path, "test").items()}
 

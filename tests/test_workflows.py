@@ -134,21 +134,12 @@ def test_ui_workflow_links_match_both_ends(path):
         assert len(node["widgets_values"]) == len(widgets) + controls, node["type"]
 
 
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    return tiny.ensure_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-
-
-def test_api_workflow_runs_through_the_node_classes_at_the_exact_size(tiny_paths, tmp_path):
+def test_api_workflow_runs_through_the_node_classes_at_the_exact_size(tiny_paths, models_dir, tmp_path):
     graph = load_workflow(ROOT / "workflows" / "api" / "hidream_i1_full_t2i.json")
     overrides = cli.demo_overrides(tiny_paths)
     overrides["HiDreamI1Sampler"] = {"width": 208, "height": 144, "steps": 2}
     graph = cli.apply_overrides(graph, overrides)
-    paths.set_models_dir(tiny_paths["models_dir"])
-    try:
-        results = run_api_workflow(graph, tmp_path)
-    finally:
-        paths.set_models_dir(None)
+    results = run_api_workflow(graph, tmp_path)
     for node_id, node in graph.items():
         declared = _output_types(node["class_type"])
         returned = results[node_id]
