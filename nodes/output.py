@@ -18,7 +18,7 @@ def _resolve(
         tasks = task.parse_tasks(task_json)
         if len(tasks) != 1:
             raise ValueError(
-                f"task_json: got {len(tasks)} tasks; expected one (the task node's task_json output)"
+                f"task_json: got {len(tasks)} tasks; allowed: one (the task node's task_json output)"
             )
         t = tasks[0]
         options = output.PublishOptions.from_task(
@@ -38,7 +38,7 @@ def _resolve(
     )
     task_uuid = settings["task_uuid"].strip() or str(uuid.uuid4())
     if not task.is_uuid4(task_uuid):
-        raise ValueError(f"task_uuid: got {task_uuid!r}; expected a UUID v4, or empty for a new one")
+        raise ValueError(f"task_uuid: got {task_uuid!r}; allowed: a UUID v4, or empty for a new one")
     seed = settings["seed"]
     return options, task_uuid, None if seed < 0 else seed, None
 

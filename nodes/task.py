@@ -30,7 +30,7 @@ def _select(task_json: str, task_index: int) -> task.Task:
     tasks = task.parse_tasks(task_json)
     if isinstance(task_index, bool) or not isinstance(task_index, int) or not 0 <= task_index < len(tasks):
         raise ValueError(
-            f"task_index: got {task_index!r}; expected 0..{len(tasks) - 1} ({len(tasks)} task(s))"
+            f"task_index: got {task_index!r}; allowed: 0..{len(tasks) - 1} ({len(tasks)} task(s))"
         )
     return tasks[task_index]
 

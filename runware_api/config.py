@@ -135,7 +135,7 @@ class ApiSettings:
 def _check_entry(raw: Any, where: str) -> ModelEntry:
     if not isinstance(raw, dict):
         raise ValueError(
-            f"{where}: got {type(raw).__name__}; expected an object of {', '.join(_ENTRY_FIELDS)}"
+            f"{where}: got {type(raw).__name__}; allowed: an object of {', '.join(_ENTRY_FIELDS)}"
         )
     unknown = sorted(set(raw) - set(_ENTRY_FIELDS))
     if unknown:
@@ -143,19 +143,19 @@ def _check_entry(raw: Any, where: str) -> ModelEntry:
     for name in FILE_FIELDS:
         value = raw.get(name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ValueError(f"{where}.{name}: got {value!r}; expected a file name in the model folder")
+            raise ValueError(f"{where}.{name}: got {value!r}; allowed: a file name in the model folder")
     for name, allowed in OPTION_FIELDS.items():
         if name in raw and raw[name] not in allowed:
-            raise ValueError(f"{where}.{name}: got {raw[name]!r}; expected one of {', '.join(allowed)}")
+            raise ValueError(f"{where}.{name}: got {raw[name]!r}; allowed: one of {', '.join(allowed)}")
     if "fp8_weights" in raw and not isinstance(raw["fp8_weights"], bool):
-        raise ValueError(f"{where}.fp8_weights: got {raw['fp8_weights']!r}; expected true or false")
+        raise ValueError(f"{where}.fp8_weights: got {raw['fp8_weights']!r}; allowed: true or false")
     return ModelEntry(**raw)
 
 
 def parse_settings(data: Any, source: str = MODELS_FILE) -> ApiSettings:
     """Check a ``models.json`` document; errors name the file and the field."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: got {type(data).__name__}; expected a JSON object")
+        raise ValueError(f"{source}: got {type(data).__name__}; allowed: a JSON object")
     allowed = (MODEL_AIR, "loras", "pricePerHour")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
@@ -171,7 +171,7 @@ def parse_settings(data: Any, source: str = MODELS_FILE) -> ApiSettings:
         raise ValueError(f"{source}: loras: expected an object mapping AIR ids to file names in models/loras")
     price = data.get("pricePerHour", 0.0)
     if isinstance(price, bool) or not isinstance(price, (int, float)) or not 0 <= price < 1e6:
-        raise ValueError(f"{source}: pricePerHour: got {price!r}; expected a number >= 0")
+        raise ValueError(f"{source}: pricePerHour: got {price!r}; allowed: a number >= 0")
     return ApiSettings(entry=entry, loras=dict(loras), price_per_hour=float(price))
 
 

@@ -154,7 +154,7 @@ class Session:
                 {
                     "errors": [
                         wire.error(
-                            "invalidTask", f"tasks[{index}]: got {type(raw).__name__}; expected a task object"
+                            "invalidTask", f"tasks[{index}]: got {type(raw).__name__}; allowed: a task object"
                         )
                     ]
                 }
@@ -198,7 +198,7 @@ class Session:
             await self._get_response(uid, emit)
         else:
             allowed = "imageInference, getResponse, authentication, ping"
-            message = f"taskType: got {json.dumps(task_type)}; expected one of {allowed}"
+            message = f"taskType: got {json.dumps(task_type)}; allowed: one of {allowed}"
             await emit(
                 {
                     "errors": [

@@ -75,7 +75,7 @@ def http_status(errors: list[dict]) -> int:
 
 
 def validation_code(line: str) -> tuple[str, str]:
-    """(code, parameter) for one line of ``TaskValidationError.errors`` (``field: got ...; expected ...``)."""
+    """(code, parameter) for one line of ``TaskValidationError.errors`` (``field: got ...; allowed: ...``)."""
     path = line.split(":", 1)[0].strip()
     if path.startswith("tasks["):
         path = path.split(".", 1)[1] if "." in path else "task"

@@ -23,17 +23,22 @@ base, files = _lora.base, _lora.files  # the shared fixtures
 @pytest.mark.parametrize(
     ("weight", "stage", "boundary", "match"),
     [
-        (4.01, "both", 0.875, "weight: 4.01 is outside -4..4"),
-        (-5, "both", 0.875, "weight: -5 is outside"),
-        (float("nan"), "both", 0.875, "weight: nan"),
-        ("1", "both", 0.875, "weight: expected a number"),
-        (True, "both", 0.875, "weight: expected a number"),
-        (1.0, "mid", 0.875, "stage: 'mid' is not one of both, high, low"),
-        (1.0, "HIGH", 0.875, "stage: 'HIGH'"),
-        (1.0, "high", 0.0, r"boundary: 0.0 is outside \(0, 1\)"),
-        (1.0, "high", 1.0, r"boundary: 1.0 is outside \(0, 1\)"),
-        (1.0, "low", -0.2, "boundary: -0.2"),
-        (1.0, "low", None, "boundary: expected a sigma strictly between 0 and 1, got None"),
+        (4.01, "both", 0.875, "weight: got 4.01; allowed: a number from -4 to 4"),
+        (-5, "both", 0.875, "weight: got -5; allowed"),
+        (float("nan"), "both", 0.875, "weight: got NaN; allowed"),
+        ("1", "both", 0.875, 'weight: got "1"; allowed: a number'),
+        (True, "both", 0.875, "weight: got true; allowed: a number"),
+        (1.0, "mid", 0.875, 'stage: got "mid"; allowed: one of both, high, low'),
+        (
+            1.0,
+            "HIGH",
+            0.875,
+            "stage: got \"HIGH\"; allowed: one of both, high, low \\(did you mean 'high'\\?\\)",
+        ),
+        (1.0, "high", 0.0, r"boundary: got 0.0; allowed: a number from 0.001 to 0.999"),
+        (1.0, "high", 1.0, r"boundary: got 1.0; allowed: a number from 0.001 to 0.999"),
+        (1.0, "low", -0.2, "boundary: got -0.2; allowed"),
+        (1.0, "low", None, "boundary: got null; allowed: a number from 0.001 to 0.999"),
     ],
 )
 def test_bad_values_name_the_input(files, weight, stage, boundary, match):
@@ -45,7 +50,7 @@ def test_bad_values_name_the_input(files, weight, stage, boundary, match):
 
 @pytest.mark.parametrize("value", [True, False, "yes", None, "AUTO"])
 def test_bad_merge_mode_names_the_input(files, value):
-    with pytest.raises(ValueError, match=f"merge_at_boundary: {value!r} is not one of auto, on, off"):
+    with pytest.raises(ValueError, match=r"merge_at_boundary: got .*; allowed: one of auto, on, off"):
         lora_spec.make_lora_spec(files["f1"], 1.0, merge=value)
 
 
@@ -109,7 +114,7 @@ def test_node_returns_new_handle(models_dir, base):
         name="one.safetensors",
     )
     assert out2.transformer is base
-    with pytest.raises(ValueError, match="weight: 9.0 is outside"):
+    with pytest.raises(ValueError, match="weight: got 9.0; allowed"):
         HiDreamI1LoraLoader().apply(root, "one.safetensors", 9.0, "low", 0.9)
 
 
@@ -120,7 +125,7 @@ def test_runware_task_entry(models_dir):
     assert (got.weight, got.stage, got.boundary, got.name) == (0.8, "high", 0.875, "one.safetensors")
     got = lora_spec.lora_spec_from_task({"model": "one.safetensors"}, None)
     assert (got.weight, got.stage) == (1.0, "both")
-    with pytest.raises(ValueError, match=r"lora\[1\].weight: 4.5 is outside"):
+    with pytest.raises(ValueError, match=r"lora\[1\].weight: got 4.5; allowed"):
         lora_spec.lora_spec_from_task({"model": "one.safetensors", "weight": 4.5}, None, field="lora[1]")
     with pytest.raises(ValueError, match=r"lora\[0\].transformer: 'middle'"):
         lora_spec.lora_spec_from_task(

@@ -167,18 +167,18 @@ def test_key_file_change_is_picked_up_without_restart(user_dir):
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ([], "models.json: got list; expected a JSON object"),
+        ([], "models.json: got list; allowed: a JSON object"),
         (
             {"runware:100@1": {}},
             "models.json: 'runware:100@1' is not served; this pack runs only runware:97@1",
         ),
         (
             {"runware:97@1": {"dtype": "fp64"}},
-            "models.json: runware:97@1.dtype: got 'fp64'; expected one of bf16, fp16, fp32",
+            "models.json: runware:97@1.dtype: got 'fp64'; allowed: one of bf16, fp16, fp32",
         ),
         ({"runware:97@1": {"vea": "ae.safetensors"}}, "models.json: runware:97@1.vea: unknown field"),
         ({"loras": {"a": 3}}, "models.json: loras: expected an object mapping AIR ids"),
-        ({"pricePerHour": -1}, "models.json: pricePerHour: got -1; expected a number >= 0"),
+        ({"pricePerHour": -1}, "models.json: pricePerHour: got -1; allowed: a number >= 0"),
     ],
 )
 def test_models_json_errors_name_the_field(doc, message):

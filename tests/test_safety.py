@@ -218,7 +218,7 @@ def test_mask_rejects_mismatched_results_and_unknown_methods():
     images = _synthetic_batch(8)
     with pytest.raises(ValueError, match=r"results: got 2 verdicts for 3 images"):
         safety.mask_images(images, [NO_HIT, NO_HIT], "blur")
-    with pytest.raises(ValueError, match=r"mask_method: got 'pixelate'; expected one of blur, black"):
+    with pytest.raises(ValueError, match=r"mask_method: got 'pixelate'; allowed: one of blur, black"):
         safety.mask_images(images, [NO_HIT] * 3, "pixelate")
     with pytest.raises(TypeError, match=r"results\[0\]"):
         safety.mask_images(images, [{"flagged": True}] * 3, "blur")

@@ -182,20 +182,20 @@ def test_array_errors_carry_task_index():
     errors = errors_of([good, bad, 7])
     assert errors == [
         "tasks[1].seed: got -3; allowed: an integer from 0 to 9223372036854775807",
-        "tasks[2]: got 7; expected a JSON object",
+        "tasks[2]: got 7; allowed: a JSON object",
     ]
 
 
 def test_duplicate_task_uuid_in_array():
     errors = errors_of([base(), base()])
     assert errors == [
-        'tasks[1].taskUUID: got "c02c8676-a2cb-4b12-8e53-09cc6cd14f84"; expected a UUID not already used by tasks[0]'
+        'tasks[1].taskUUID: got "c02c8676-a2cb-4b12-8e53-09cc6cd14f84"; allowed: a UUID not already used by tasks[0]'
     ]
 
 
 def test_top_level_must_be_task_or_array():
-    assert errors_of([]) == ["task: got []; expected a task object or a non-empty array of them"]
-    assert errors_of("42") == ["task: got 42; expected a task object or a non-empty array of them"]
+    assert errors_of([]) == ["task: got []; allowed: a task object or a non-empty array of them"]
+    assert errors_of("42") == ["task: got 42; allowed: a task object or a non-empty array of them"]
 
 
 @pytest.mark.parametrize(
@@ -367,7 +367,7 @@ def test_task_node_rejects_before_running():
     assert HiDreamI1RunwareTask.VALIDATE_INPUTS(task_json=None) is True  # linked input: checked at run time
     with pytest.raises(TaskValidationError):
         HiDreamI1RunwareTask().parse(bad, 0)
-    with pytest.raises(ValueError, match=r"task_index: got 1; expected 0\.\.0"):
+    with pytest.raises(ValueError, match=r"task_index: got 1; allowed: 0\.\.0"):
         HiDreamI1RunwareTask().parse(json.dumps(base()), 1)
 
 

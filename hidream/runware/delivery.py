@@ -264,7 +264,7 @@ def _send(
         log.error("%s", error)
         return DeliveryResult(kind, shown, False, None, 0, (error,), image_uuid)
     if tries < 1:
-        raise ValueError(f"tries: got {tries}; expected an integer >= 1")
+        raise ValueError(f"tries: got {tries}; allowed: an integer >= 1")
     import requests
 
     _install_log_filter()

@@ -103,17 +103,17 @@ def to_uint8_images(images: Any) -> list[np.ndarray]:
         images = images.detach().float().cpu().numpy()
     if not isinstance(images, np.ndarray):
         raise TypeError(
-            f"images: got {type(images).__name__}; expected a ComfyUI IMAGE tensor or a numpy array"
+            f"images: got {type(images).__name__}; allowed: a ComfyUI IMAGE tensor or a numpy array"
         )
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3, 4) or 0 in images.shape:
         raise ValueError(
-            f"images: got shape {tuple(images.shape)}; expected [B, H, W, C] or [H, W, C] with C = 1, 3 or 4"
+            f"images: got shape {tuple(images.shape)}; allowed: [B, H, W, C] or [H, W, C] with C = 1, 3 or 4"
         )
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.floating):
-            raise TypeError(f"images: got dtype {images.dtype}; expected uint8 (0..255) or float (0..1)")
+            raise TypeError(f"images: got dtype {images.dtype}; allowed: uint8 (0..255) or float (0..1)")
         images = np.clip(255.0 * images, 0, 255).astype(np.uint8)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
@@ -490,7 +490,7 @@ def publish(
     for name, values in (("seeds", seeds), ("costs", costs), ("extra", extra), ("image_uuids", image_uuids)):
         if values is not None and len(values) != len(arrays):
             raise ValueError(
-                f"{name}: got {len(values)} value(s) for {len(arrays)} image(s); expected one per image"
+                f"{name}: got {len(values)} value(s) for {len(arrays)} image(s); allowed: one per image"
             )
     folder_root = output_root(root)
     cleanup_expired(folder_root / PACK_SUBFOLDER)

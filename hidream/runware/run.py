@@ -143,7 +143,7 @@ def check_price(price_per_hour: Any, field_name: str = "price_per_hour") -> floa
     """A finite number >= 0: NaN or Infinity would print invalid JSON, a negative price a negative cost."""
     ok = isinstance(price_per_hour, (int, float)) and not isinstance(price_per_hour, bool)
     if not ok or not math.isfinite(price_per_hour) or price_per_hour < 0:
-        raise ValueError(f"{field_name}: got {price_per_hour!r}; expected a finite number >= 0")
+        raise ValueError(f"{field_name}: got {price_per_hour!r}; allowed: a finite number >= 0")
     return float(price_per_hour)
 
 

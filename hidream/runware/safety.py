@@ -125,7 +125,7 @@ def _as_uint8_list(images: Any) -> list[np.ndarray]:
     """RGB HxWx3 uint8 arrays from an IMAGE tensor / array, or from a list of HxWxC images."""
     if isinstance(images, (list, tuple)):
         if not images:
-            raise ValueError("images: got an empty list; expected at least one image")
+            raise ValueError("images: got an empty list; allowed: at least one image")
         out = []
         for i, img in enumerate(images):
             if getattr(img, "ndim", None) != 3:
@@ -147,7 +147,7 @@ def classify(detections: Sequence[dict], threshold: float = DEFAULT_THRESHOLD) -
         label, score = (det.get("class"), det.get("score")) if isinstance(det, dict) else (None, None)
         if not isinstance(label, str) or isinstance(score, bool) or not isinstance(score, (int, float)):
             raise TypeError(
-                f"detector output [{i}]: got {det!r}; expected a dict with a 'class' string and a 'score'"
+                f"detector output [{i}]: got {det!r}; allowed: a dict with a 'class' string and a 'score'"
             )
         if label in NSFW_LABELS:
             best[label] = max(best.get(label, 0.0), float(score))
@@ -214,18 +214,18 @@ def mask_images(images: Any, results: Sequence[SafetyResult], method: str = "blu
     method = validate_method(method)
     if not isinstance(images, (torch.Tensor, np.ndarray, list, tuple)):
         raise TypeError(
-            f"images: got {type(images).__name__}; expected an IMAGE tensor, an array or a list of arrays"
+            f"images: got {type(images).__name__}; allowed: an IMAGE tensor, an array or a list of arrays"
         )
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim != 4:
-        raise ValueError(f"images: got shape {tuple(images.shape)}; expected [B, H, W, C]")
+        raise ValueError(f"images: got shape {tuple(images.shape)}; allowed: [B, H, W, C]")
     results = list(results)
     if len(results) != len(images):
         raise ValueError(
-            f"results: got {len(results)} verdicts for {len(images)} images; expected one per image"
+            f"results: got {len(results)} verdicts for {len(images)} images; allowed: one per image"
         )
     for i, result in enumerate(results):
         if not isinstance(result, SafetyResult):
-            raise TypeError(f"results[{i}]: got {type(result).__name__}; expected SafetyResult")
+            raise TypeError(f"results[{i}]: got {type(result).__name__}; allowed: SafetyResult")
     if isinstance(images, torch.Tensor):
         out = images.clone()
         for i, result in enumerate(results):

@@ -4,7 +4,7 @@ The contract is ``spec/runware-imageInference-hidream-i1-full.txt``. A task is c
 whole before any model work, and every problem of every task is reported at once (one
 ``TaskValidationError`` with ``.errors``), because a user fixing a JSON file by hand wants
 the full list, not one error per run. Each message names the field path, the value and
-what is allowed, e.g. ``lora[1].weight: got 5.0; expected a number from -4 to 4``.
+what is allowed, e.g. ``lora[1].weight: got 5.0; allowed: a number from -4 to 4``.
 
 Choices the spec leaves open (documented in the README):
 
@@ -352,7 +352,7 @@ class _Checker:
         if bad is None:
             return value
         self.errors.append(
-            f"{path}: got a lone surrogate {ascii(value[bad])} at character {bad}; expected valid Unicode text"
+            f"{path}: got a lone surrogate {ascii(value[bad])} at character {bad}; allowed: valid Unicode text"
         )
         return None
 
@@ -465,7 +465,7 @@ def _parse_accelerator(check: _Checker, value: Any, steps: int | None) -> Accele
     }
     if got["fb_cache"] and got["db_cache"]:
         check.errors.append(
-            f"{p}dbCache: got true while fbCache is true; expected at most one block cache "
+            f"{p}dbCache: got true while fbCache is true; allowed: at most one block cache "
             "(fbCache or dbCache; either may be combined with teaCache)"
         )
     absolute = [k for k in ("cacheStartStep", "cacheEndStep") if k in data]
@@ -588,7 +588,7 @@ def read_task_file(path: str | Path) -> str:
     p = Path(path)
     try:
         if p.is_dir():
-            raise TaskValidationError([f"task file {str(p)!r}: is a folder; expected a task JSON file"])
+            raise TaskValidationError([f"task file {str(p)!r}: is a folder; allowed: a task JSON file"])
         raw = p.read_bytes()
     except OSError as exc:
         raise TaskValidationError([f"task file {str(p)!r}: cannot be read ({exc.strerror or exc})"]) from exc
@@ -598,7 +598,7 @@ def read_task_file(path: str | Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TaskValidationError(
-            [f"task file {p.name!r}: byte {exc.start} is not valid UTF-8; expected a UTF-8 JSON file"]
+            [f"task file {p.name!r}: byte {exc.start} is not valid UTF-8; allowed: a UTF-8 JSON file"]
         ) from exc
 
 
@@ -629,7 +629,7 @@ def parse_tasks(data: str | bytes | dict | list) -> list[Task]:
         return [task]
     if not isinstance(data, list) or not data:
         raise TaskValidationError(
-            [f"task: got {limits.show(data)}; expected a task object or a non-empty array of them"]
+            [f"task: got {limits.show(data)}; allowed: a task object or a non-empty array of them"]
         )
     all_errors: list[str] = []
     tasks: list[Task] = []
@@ -641,7 +641,7 @@ def parse_tasks(data: str | bytes | dict | list) -> list[Task]:
         uid = raw.get("taskUUID") if isinstance(raw, dict) else None
         if isinstance(uid, str) and uid.lower() in seen:
             all_errors.append(
-                f"tasks[{i}].taskUUID: got {limits.show(uid)}; expected a UUID not already used by tasks[{seen[uid.lower()]}]"
+                f"tasks[{i}].taskUUID: got {limits.show(uid)}; allowed: a UUID not already used by tasks[{seen[uid.lower()]}]"
             )
         elif isinstance(uid, str):
             seen[uid.lower()] = i
