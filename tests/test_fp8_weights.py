@@ -78,10 +78,10 @@ def test_lora_applies_on_fp8_stored_weights(tmp_path):
     """peft wraps the fp8 Linears: the adapter runs in the compute dtype, base weights stay fp8."""
     import copy
 
+    from _lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
     from diffusers import HiDreamImageTransformer2DModel
     from hidream_pack.hidream.lora import session as lora
     from hidream_pack.hidream.lora import spec as lora_spec
-    from test_lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
 
     torch.manual_seed(0)
     pristine = HiDreamImageTransformer2DModel(**tiny.TINY_TRANSFORMER_CONFIG).eval()

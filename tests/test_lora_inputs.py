@@ -127,7 +127,7 @@ def test_runware_task_entry(models_dir):
     assert (got.weight, got.stage) == (1.0, "both")
     with pytest.raises(ValueError, match=r"lora\[1\].weight: got 4.5; allowed"):
         lora_spec.lora_spec_from_task({"model": "one.safetensors", "weight": 4.5}, None, field="lora[1]")
-    with pytest.raises(ValueError, match=r"lora\[0\].transformer: 'middle'"):
+    with pytest.raises(ValueError, match=r'lora\[0\].transformer: got "middle"'):
         lora_spec.lora_spec_from_task(
             {"model": "one.safetensors", "transformer": "middle"}, None, field="lora[0]"
         )

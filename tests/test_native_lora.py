@@ -170,9 +170,9 @@ def test_node_refuses_bad_inputs_and_non_hidream_models(setup):
     import comfy.model_base
 
     node = HiDreamI1NativeStageLora()
-    with pytest.raises(ValueError, match="stage: 'middle' is not one of both, high, low"):
+    with pytest.raises(ValueError, match='stage: got "middle"; allowed: one of both, high, low'):
         node.apply(setup.patcher, "x.safetensors", 1.0, "middle", 0.875)
-    with pytest.raises(ValueError, match=r"boundary: 1\.5 is outside \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"boundary: got 1\.5; allowed: a number from 0\.001 to 0\.999"):
         node.apply(setup.patcher, "x.safetensors", 1.0, "high", 1.5)
     flux = SimpleNamespace(model=object.__new__(comfy.model_base.Flux), model_options={})
     with pytest.raises(ValueError, match=r"^test: .* got a Flux model$"):

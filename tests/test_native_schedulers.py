@@ -88,5 +88,5 @@ def test_foreign_sigmas_and_bad_names_are_refused(setup):
         HiDreamI1NativeScheduler().build("Eular", STEPS, 0.0, "full")
     with pytest.raises(ValueError, match="shift: got 50.0"):
         HiDreamI1NativeScheduler().build("Euler", STEPS, 50.0, "full")
-    with pytest.raises(ValueError, match="steps: 0 is outside the allowed range 1..1000"):
+    with pytest.raises(ValueError, match="steps: got 0; allowed: an integer from 1 to 1000"):
         HiDreamI1NativeScheduler().build("Euler", 0, 0.0, "full")

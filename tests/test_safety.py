@@ -143,7 +143,7 @@ def test_mode_none_checks_nothing_and_passes_images_through():
 
 @pytest.mark.parametrize("mode", ["slow", "Fast", "", None, True])
 def test_unknown_mode_is_rejected_before_any_detection(mode):
-    with pytest.raises(ValueError, match=r"safety\.mode: got .*expected one of none, fast"):
+    with pytest.raises(ValueError, match=r"safety\.mode: got .*; allowed: one of none, fast"):
         safety.check_images(_synthetic_batch(8), mode, detector=ExplodingDetector())
 
 
@@ -158,7 +158,7 @@ def test_unknown_mode_is_rejected_before_any_detection(mode):
     ],
 )
 def test_threshold_outside_its_range_is_rejected(threshold, error):
-    with pytest.raises(error, match=r"threshold: got .*0\.2\.\.1\.0"):
+    with pytest.raises(error, match=r"threshold: got .*; allowed: a number from 0\.2 to 1"):
         safety.check_images(_synthetic_batch(8), "fast", threshold, detector=ExplodingDetector())
 
 
@@ -218,7 +218,7 @@ def test_mask_rejects_mismatched_results_and_unknown_methods():
     images = _synthetic_batch(8)
     with pytest.raises(ValueError, match=r"results: got 2 verdicts for 3 images"):
         safety.mask_images(images, [NO_HIT, NO_HIT], "blur")
-    with pytest.raises(ValueError, match=r"mask_method: got 'pixelate'; allowed: one of blur, black"):
+    with pytest.raises(ValueError, match=r'mask_method: got "pixelate"; allowed: one of blur, black'):
         safety.mask_images(images, [NO_HIT] * 3, "pixelate")
     with pytest.raises(TypeError, match=r"results\[0\]"):
         safety.mask_images(images, [{"flagged": True}] * 3, "blur")

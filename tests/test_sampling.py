@@ -166,7 +166,10 @@ NOT_A_MODEL = HiDreamModel(transformer=None, variant="full", dtype=torch.float32
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"width": 1000}, "width: 1000 is not a multiple of 16"),
+        (
+            {"width": 1000},
+            "width: got 1000; allowed: an integer from 128 to 2048, a multiple of 16 (nearest: 992 or 1008)",
+        ),
         ({"width": 112}, "width: got 112; allowed: an integer from 128 to 2048, a multiple of 16"),
         ({"height": 2064}, "height: got 2064; allowed: an integer from 128 to 2048"),
         ({"height": 512.0}, "height: got 512.0; allowed: an integer"),

@@ -182,7 +182,7 @@ def test_cli_tiny_models_and_demo(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_loras(tiny_paths):
     """The stage example's two LoRA files, made for the tiny transformer, in its models/loras."""
-    from test_lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
+    from _lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
 
     folder = tiny_paths["models_dir"] / "loras"
     folder.mkdir(exist_ok=True)

@@ -105,9 +105,9 @@ def check_int(field: str, value: Any, bounds: Range, note: str = "") -> int:
 def check_number(field: str, value: Any, bounds: Range, note: str = "") -> float:
     """``float(value)`` if it is a finite number inside ``bounds``; TypeError / ValueError otherwise."""
     allowed = bounds.describe(integer=False) + note
-    if not is_number(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(problem(field, value, allowed))
-    if value not in bounds:
+    if not is_number(value) or value not in bounds:  # NaN and infinities are values out of range
         raise ValueError(problem(field, value, allowed))
     return float(value)
 
