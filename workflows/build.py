@@ -411,6 +411,7 @@ def native_custom_sampler_graph() -> dict:
         del graph[key]
     graph["5"] = {"class_type": DB_CACHE[0], "inputs": {"model": ["1", 0], **DB_CACHE[1]}}
     graph["6"] = {"class_type": "HiDreamI1NativeTeaCache", "inputs": {"model": ["5", 0], "variant": "full"}}
+    graph["6"]["inputs"]["skip_reuses"] = "block residual"  # the optional widget, as the UI sends it
     graph["6"]["inputs"].update(TEA_CACHE[1])
     graph["5"]["class_type"] = "HiDreamI1NativeDBCache"
     graph["9"] = {
