@@ -48,10 +48,6 @@ class Range:
         lower = int(value // self.step * self.step)
         return f" (nearest: {max(lower, int(self.lo))} or {lower + self.step})"
 
-    def widget(self, default: float, **extra: Any) -> dict[str, Any]:
-        """ComfyUI INT/FLOAT widget options with these bounds."""
-        return {"default": default, "min": self.lo, "max": self.hi, "step": self.step, **extra}
-
 
 def show(value: Any) -> str:
     """A value for an error message, short enough to read (JSON spelling for JSON values)."""
