@@ -9,6 +9,7 @@ node runs before sampling, so it cannot return it as a STRING).
 
 from __future__ import annotations
 
+from ..hidream.forward.compile import COMPILE_MODES
 from ..hidream.limits import STEPS, VARIANTS, check_choice
 from ..hidream.lora import spec as lora_spec
 from .cache import HiDreamI1DBCache, HiDreamI1FirstBlockCache, HiDreamI1TeaCache
@@ -20,6 +21,13 @@ _MODEL_INPUT = (
     "MODEL",
     {"tooltip": "ComfyUI's HiDream-I1 MODEL (Load Diffusion Model, LoRA loaders, ...). It is not changed."},
 )
+
+
+_COMPILE_OPTIONS = {
+    "default": "blocks",
+    "tooltip": "blocks: each HiDream block class compiled once (the first sampling call per size waits for "
+    "it). off: eager (still the pack's runner and sync-free MoE).",
+}
 
 
 def _native_inputs(base: type) -> dict:
@@ -198,8 +206,35 @@ class HiDreamI1NativeScheduler:
         return make_comfy_sampler(scheduler, value, steps, variant)
 
 
+class HiDreamI1NativeCompile:
+    NODE_ID = "HiDreamI1NativeCompile"
+    TITLE = "HiDream-I1 Regional Compile (MODEL)"
+    CATEGORY = "HiDream"
+    DESCRIPTION = (
+        "torch.compile of ComfyUI's native HiDream blocks, each block class compiled once and shared by all its "
+        "blocks (regional compile), with the pack's sync-free MoE. Composes with the pack's MODEL caches in any "
+        "order (a skipped block causes no recompile) and with core LoRA loaders. Falls back to eager with one "
+        "warning where compile is unavailable."
+    )
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL whose blocks run compiled (the input is unchanged).",)
+    FUNCTION = "apply"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": _MODEL_INPUT, "compile": (list(COMPILE_MODES), _COMPILE_OPTIONS)}}
+
+    def apply(self, model, compile: str) -> tuple:
+        from ..hidream.native.cache import attach_compile
+
+        return (attach_compile(model, compile, self.NODE_ID),)
+
+
 NODES = [
     HiDreamI1NativeScheduler,
+    HiDreamI1NativeCompile,
     HiDreamI1NativeFirstBlockCache,
     HiDreamI1NativeTeaCache,
     HiDreamI1NativeDBCache,

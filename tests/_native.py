@@ -41,6 +41,9 @@ def import_comfy():
 
     if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+        # PyTorch SDPA, as on a GPU: the CPU's default (sub-quadratic) reads free memory through
+        # psutil on every call, which breaks each compiled block's graph in two
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.model_base
     import comfy.model_patcher
     import comfy.sample

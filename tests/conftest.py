@@ -83,3 +83,19 @@ def point_models_dir():
 def models_dir(tiny_paths, point_models_dir) -> Path:
     """The tiny models' folder as the pack's models folder, for one test."""
     return point_models_dir(tiny_paths["models_dir"])
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """Regional compile with dynamo's eager backend, from a clean slate (caches, counters,
+    warnings): graph counts, guards and recompiles are dynamo's, the same for every backend."""
+    from hidream_pack.hidream.forward import compile as compile_mod
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # reset() keeps dynamo's counters
+    monkeypatch.setattr(compile_mod, "BACKEND", "eager")
+    monkeypatch.setattr(compile_mod, "_COMPILED", {})
+    monkeypatch.setattr(compile_mod, "_WARNED", set())
+    yield
+    torch._dynamo.reset()

@@ -30,20 +30,6 @@ from safetensors.torch import save_file
 BLOCK_CLASSES = 2  # double-stream and single-stream
 
 
-@pytest.fixture
-def eager_backend(monkeypatch):
-    """dynamo with the eager backend, from a clean slate (caches, counters, warnings)."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()  # reset() keeps dynamo's counters
-    monkeypatch.setattr(compile_mod, "BACKEND", "eager")
-    monkeypatch.setattr(compile_mod, "_COMPILED", {})
-    monkeypatch.setattr(compile_mod, "_WARNED", set())
-    yield
-    torch._dynamo.reset()
-
-
 def _inputs(batch: int = 2, side: int = 16, t: float = 731.0, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return (

@@ -162,6 +162,39 @@ def test_static_moe_makes_no_sync_and_diffusers_makes_two():
     assert ours.total == 0
 
 
+def test_packed_experts_are_views_of_one_tensor_with_the_same_values(monkeypatch):
+    """The first grouped call packs the experts (``pack_experts``); later calls copy nothing,
+    and a weight replaced in between (a LoRA patch, a device move) is packed again."""
+    layer = _moe(*MOE_SIZES["bench"], seed=8)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(1, 50, MOE_SIZES["bench"][0], generator=torch.Generator().manual_seed(9))
+    swaps = moe_mod.StaticMoE([layer], "grouped")
+    with torch.no_grad():
+        want = moe_mod.diffusers_forward(layer, x)
+        with swaps.active(0):
+            first = layer(x)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    for name in ("w1", "w3", "w2"):
+        ptrs = [getattr(e, name).weight.data_ptr() for e in layer.experts]
+        size = layer.experts[0].w1.weight.numel() * layer.experts[0].w1.weight.element_size()
+        assert [p - ptrs[0] for p in ptrs] == [i * size for i in range(len(ptrs))]
+    monkeypatch.setattr(moe_mod, "_stacked", lambda *a: pytest.fail("copied packed experts"))
+    new = torch.nn.Parameter(layer.experts[2].w3.weight * 1.5, requires_grad=False)
+    own_ptr, new_values = new.data_ptr(), new.detach().clone()
+    with torch.no_grad():
+        with swaps.active(0):
+            again = layer(x)
+        layer.experts[2].w3.weight = new  # replaced: no longer a view of the packed tensor
+        with swaps.active(0):
+            patched = layer(x)
+        want_patched = moe_mod.diffusers_forward(layer, x)
+    assert torch.equal(first, again) and (first - want).abs().max().item() <= 1e-5
+    assert (patched - want_patched).abs().max().item() <= 1e-5 and not torch.equal(patched, first)
+    assert layer.experts[2].w3.weight is new and new.data_ptr() != own_ptr  # packed again
+    assert torch.equal(new, new_values)
+    assert not hasattr(layer, moe_mod._OPERANDS)  # nothing left on the layer after the block
+
+
 def test_bad_moe_mode_is_an_error_naming_it(tiny_transformer):
     with pytest.raises(
         ValueError, match="moe: 'sparse' is not a MoE layout; allowed: grouped, dense, gather"

@@ -433,6 +433,8 @@ def native_custom_sampler_graph() -> dict:
             "latent_image": ["8", 0],
         },
     }
+    graph["16"] = {"class_type": "HiDreamI1NativeCompile", "inputs": {"model": ["6", 0], "compile": "blocks"}}
+    graph["7"]["inputs"]["model"] = ["16", 0]
     graph["11"]["inputs"]["samples"] = ["15", 0]
     graph["12"]["inputs"]["filename_prefix"] = "hidream_i1_native_custom"
     return dict(sorted(graph.items(), key=lambda item: int(item[0])))

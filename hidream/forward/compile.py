@@ -83,9 +83,9 @@ def _compiled(block: torch.nn.Module) -> Callable:
     Each class gets its own copy of ``_run_block``'s code object, so dynamo's per-code-object
     recompile limit (8) and its logs apply per block class rather than to both together.
     """
-    inner = getattr(block, "block", block)  # diffusers wraps both kinds in ``HiDreamBlock``
+    inner = getattr(block, "block", block)  # diffusers and ComfyUI wrap both kinds in a ``HiDreamBlock``
     name = type(inner).__name__
-    key = (BACKEND, name)
+    key = (BACKEND, f"{type(inner).__module__}.{name}")  # diffusers' and ComfyUI's share class names
     if key not in _COMPILED:
         code = _run_block.__code__.replace(co_name=f"run_{name}")
         fn = types.FunctionType(code, _run_block.__globals__, f"run_{name}")
@@ -130,7 +130,8 @@ class BlockCaller:
 
     def __call__(self, block: torch.nn.Module, **kwargs) -> object:
         if self.compiled is None:
-            reason = unavailable_reason(kwargs["hidden_states"].device)
+            first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            reason = unavailable_reason(first.device)
             self.compiled = reason is None
             if reason is not None:
                 _warn_once(reason)

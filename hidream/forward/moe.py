@@ -54,6 +54,7 @@ import torch.nn.functional as F
 MOE_MODES = ("grouped", "dense", "gather")
 FALLBACKS = ("dense", "diffusers")
 _PROJECTIONS = ("w1", "w3", "w2")
+_OPERANDS = "_hidream_expert_operands"  # set on a MoE layer by ``StaticMoE.active`` for one block
 
 
 def is_moe(module: object) -> bool:
@@ -74,7 +75,7 @@ def _topk(moe: torch.nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch
             f"MoE gate: scoring_func={gate.scoring_func!r}, norm_topk_prob={gate.norm_topk_prob!r} is not "
             "HiDream's routing; allowed: softmax without top-k renormalisation"
         )
-    scores = F.linear(flat, gate.weight, None).softmax(dim=-1)
+    scores = F.linear(flat, gate.weight.to(flat), None).softmax(dim=-1)
     return torch.topk(scores, k=gate.top_k, dim=-1, sorted=False)
 
 
@@ -173,26 +174,40 @@ def _sync_free_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _plain_linear(layer: object) -> bool:
-    """An ``nn.Linear`` without bias or hooks: its weight alone is what it computes. PEFT's LoRA
-    wrappers (and offload hooks) fail this, so they run through the module instead."""
+    """A bias-free ``Linear`` without hooks whose forward is ``x @ weight.T`` alone: torch's, or
+    ComfyUI's ``ops`` Linear while it casts and patches nothing (``comfy_cast_weights`` off, no
+    ``weight_function`` / ``bias_function``: fp8 and manual-cast checkpoints and lowvram LoRA
+    fail this). PEFT's LoRA wrappers and offload hooks fail it too, so they run through the module.
+    ComfyUI's class is recognised by its forward's name, so this module never imports ComfyUI."""
+    if not isinstance(layer, torch.nn.Linear) or layer.bias is not None:
+        return False
+    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__:
+        return False
+    if type(layer) is torch.nn.Linear:
+        return True
     return (
-        type(layer) is torch.nn.Linear
-        and layer.bias is None
-        and not layer._forward_hooks
-        and not layer._forward_pre_hooks
+        type(layer).forward.__qualname__ == "disable_weight_init.Linear.forward"
+        and getattr(layer, "comfy_cast_weights", True) is False
+        and not getattr(layer, "weight_function", True)
+        and not getattr(layer, "bias_function", True)
     )
+
+
+def _same_place(weight: object, x: torch.Tensor) -> bool:
+    """A tensor in ``x``'s dtype on ``x``'s device (not fp8 or offloaded)."""
+    return isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device
 
 
 def _grouped_ready(moe: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``grouped_forward`` can run on ``x`` sync-free and compute exactly ``moe``."""
-    if not _sync_free_grouped_mm(x.device, x.dtype):
+    if not _sync_free_grouped_mm(x.device, x.dtype) or not _same_place(moe.gate.weight, x):
         return False
     for expert in moe.experts:
         if expert._forward_hooks or expert._forward_pre_hooks or "forward" in expert.__dict__:
             return False
         for name in _PROJECTIONS:
             layer = getattr(expert, name, None)
-            if not _plain_linear(layer) or layer.weight.dtype != x.dtype or layer.weight.device != x.device:
+            if not _plain_linear(layer) or not _same_place(layer.weight, x):
                 return False
             # grouped_mm wants 16-byte aligned row strides on both operands
             if any(n * layer.weight.element_size() % 16 for n in layer.weight.shape):
@@ -200,15 +215,72 @@ def _grouped_ready(moe: torch.nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
-def _stacked(moe: torch.nn.Module, name: str) -> torch.Tensor:
-    """Projection ``name`` of every expert as one ``[experts, in, out]`` operand.
+def _packed_ready(moe: torch.nn.Module, packed: tuple[torch.Tensor, ...], x: torch.Tensor) -> bool:
+    """``_grouped_ready`` for packed experts: ``StaticMoE`` checked (eagerly, before the block)
+    that the layers are plain, so only the input's device and dtype are left to match."""
+    return (
+        _sync_free_grouped_mm(x.device, x.dtype)
+        and _same_place(moe.gate.weight, x)
+        and all(_same_place(whole, x) for whole in packed)
+    )
 
-    Stacked on every call (a transient copy, about 3% of the MoE's CPU time on the benchmark
-    model): a persistent copy would double the experts' memory (20 GB in bf16 at HiDream-I1's
-    size), and reading the modules' weights on each call keeps merged LoRAs and weight swaps
-    exact with nothing to invalidate.
+
+def _stacked(moe: torch.nn.Module, name: str) -> torch.Tensor:
+    """Projection ``name`` of every expert as one ``[experts, in, out]`` operand, copied.
+
+    Only where the experts are not packed (``pack_experts``): the copy costs as much as a
+    quarter of the MoE at small sizes on the CPU, and a second persistent copy would double the
+    experts' memory (20 GB in bf16 at HiDream-I1's size).
     """
     return torch.stack([getattr(e, name).weight for e in moe.experts]).transpose(1, 2)
+
+
+def _packable(moe: torch.nn.Module) -> bool:
+    """Every expert's projections are plain linears of one shape, dtype and device per projection."""
+    for name in _PROJECTIONS:
+        layers = [getattr(e, name, None) for e in moe.experts]
+        if not all(_plain_linear(la) for la in layers):
+            return False
+        first = layers[0].weight
+        if any(la.weight.shape != first.shape or la.weight.dtype != first.dtype for la in layers):
+            return False
+        if any(la.weight.device != first.device for la in layers):
+            return False
+    return True
+
+
+def pack_experts(moe: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Re-lay the experts' weights, in place, as views of one ``[experts, out, in]`` tensor per
+    projection, and return those tensors (w1, w3, w2); None where they cannot be packed.
+
+    The values do not change, only where they live: each weight's ``.data`` becomes a slice of
+    the stacked tensor (one copy, once), so a grouped GEMM reads all experts without copying
+    them on every call (``_stacked``). Memory stays the same: the old storages are freed. The
+    stacked tensors are built outside inference mode, so the weights stay ordinary tensors that
+    merges may update in place. A weight replaced later (a LoRA patch, a move to another
+    device) simply stops being a view: ``StaticMoE`` checks and packs again.
+    """
+    if not _packable(moe):
+        return None
+    stacked = []
+    with torch.inference_mode(False), torch.no_grad():
+        for name in _PROJECTIONS:
+            layers = [getattr(e, name) for e in moe.experts]
+            whole = torch.stack([la.weight.detach() for la in layers])
+            for i, la in enumerate(layers):
+                la.weight.data = whole[i]
+            stacked.append(whole)
+    return tuple(stacked)
+
+
+def _still_packed(moe: torch.nn.Module, stacked: tuple[torch.Tensor, ...]) -> bool:
+    """Whether every expert weight is still its slice of ``stacked`` (nothing replaced it)."""
+    return all(
+        getattr(e, name).weight.data_ptr() == whole[i].data_ptr()
+        and getattr(e, name).weight.shape == whole.shape[1:]
+        for name, whole in zip(_PROJECTIONS, stacked, strict=True)
+        for i, e in enumerate(moe.experts)
+    )
 
 
 def _segment_ends(sorted_experts: torch.Tensor, experts: int) -> torch.Tensor:
@@ -231,7 +303,8 @@ def grouped_forward(moe: torch.nn.Module, x: torch.Tensor, fallback=dense_forwar
     sync-free or exact (``_grouped_ready``: LoRA wrappers, another device or dtype), ``fallback``
     runs instead.
     """
-    if not _grouped_ready(moe, x):
+    packed = getattr(moe, _OPERANDS, None)  # the packed experts, when StaticMoE installed them
+    if not (_packed_ready(moe, packed, x) if packed is not None else _grouped_ready(moe, x)):
         return fallback(moe, x)
     flat = x.reshape(-1, x.shape[-1])
     weights, idx = _topk(moe, flat)
@@ -240,7 +313,10 @@ def grouped_forward(moe: torch.nn.Module, x: torch.Tensor, fallback=dense_forwar
     ends = _segment_ends(picks[order], len(moe.experts))
     rows = order // idx.shape[1]
     xs = flat.index_select(0, rows)
-    w1, w3, w2 = (_stacked(moe, name) for name in _PROJECTIONS)
+    if packed is not None:
+        w1, w3, w2 = (whole.transpose(1, 2) for whole in packed)
+    else:
+        w1, w3, w2 = (_stacked(moe, name) for name in _PROJECTIONS)
     h = F.silu(_GROUPED_OP(xs, w1, ends)).mul_(_GROUPED_OP(xs, w3, ends))
     out = _GROUPED_OP(h, w2, ends).mul_(weights.reshape(-1, 1)[order])
     y = torch.zeros_like(flat).index_add_(0, rows, out)
@@ -248,7 +324,8 @@ def grouped_forward(moe: torch.nn.Module, x: torch.Tensor, fallback=dense_forwar
 
 
 def _grouped_or_diffusers(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Grouped where it is sync-free, else diffusers' own MoE (eager runs: no dense FLOPs)."""
+    """Grouped where it is sync-free, else the MoE class's own forward (diffusers' or ComfyUI's;
+    eager runs: no dense FLOPs)."""
     return grouped_forward(moe, x, fallback=diffusers_forward)
 
 
@@ -256,7 +333,9 @@ _FORWARDS = {"grouped": grouped_forward, "dense": dense_forward, "gather": gathe
 
 
 def _layout(mode: str, fallback: str) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
-    """The forward for ``mode``; ``fallback`` is what ``grouped`` runs where it cannot."""
+    """The forward for ``mode``; ``fallback`` is what ``grouped`` runs where it cannot.
+    Module-level functions only: a compiled block guards on the function, so a fresh object
+    per runner would recompile every block on every sampling call."""
     if fallback not in FALLBACKS:
         raise ValueError(f"MoE fallback: {fallback!r}; allowed: {', '.join(FALLBACKS)}")
     if mode == "grouped" and fallback == "diffusers":
@@ -285,6 +364,8 @@ class StaticMoE:
         self, modules: list[torch.nn.Module], mode: str = "grouped", fallback: str = "dense"
     ) -> None:
         fn = _layout(mode, fallback)
+        self._pack = mode == "grouped"
+        self._packed: dict[int, tuple[torch.Tensor, ...] | None] = {}
         self._swaps: dict[int, list[tuple[torch.nn.Module, object]]] = {}
         for i, module in enumerate(modules):
             layers = [m for m in module.modules() if is_moe(m)]
@@ -300,10 +381,25 @@ class StaticMoE:
                     continue
                 moe.forward = forward
                 installed.append(moe)
+                packed = self._operands(moe) if self._pack else None
+                if packed is not None:
+                    setattr(moe, _OPERANDS, packed)
             yield
         finally:
             for moe in installed:
                 del moe.forward
+                moe.__dict__.pop(_OPERANDS, None)
+
+    def _operands(self, moe: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
+        """The packed experts of ``moe``: packed on first use, packed again when a weight was
+        replaced since; None while a layer is not plain (a patch added on the fly). Checked here,
+        eagerly before the block: ComfyUI's layer class cannot be recognised inside a graph."""
+        if not _packable(moe):
+            return None
+        packed = self._packed.get(id(moe))
+        if packed is None or not _still_packed(moe, packed):
+            packed = self._packed[id(moe)] = pack_experts(moe)
+        return packed
 
 
 @contextmanager

@@ -37,12 +37,14 @@ HIDREAM_MODEL path).
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 
 import torch
 
 from ..cache.config import check_combination
 from ..cache.policy import CacheSession, open_cache_session
+from ..forward.compile import check_compile, graph_count
 from .runner import NativeRunner, WholeModel
 
 log = logging.getLogger(__name__)
@@ -71,40 +73,63 @@ class NativeCacheHolder:
     A clone of the MODEL deep-copies ``model_options``; the copy keeps the configs and drops
     the last session (no tensors are copied, and branches never share a session)."""
 
-    def __init__(self, configs: tuple, variant: str, reuse_output: bool = False) -> None:
+    def __init__(
+        self, configs: tuple, variant: str, reuse_output: bool = False, compile: str = "off"
+    ) -> None:
         self.configs = tuple(configs)
         self.variant = variant
         self.reuse_output = reuse_output
+        self.compile = compile  # "off" or "blocks" (the compile node; no cache needed)
         self.last_session: CacheSession | None = None
         self.last_report = ""
 
     def __deepcopy__(self, memo) -> NativeCacheHolder:
-        return NativeCacheHolder(self.configs, self.variant, self.reuse_output)
+        return NativeCacheHolder(self.configs, self.variant, self.reuse_output, self.compile)
 
 
-def attach_cache(model, config, node_id: str, variant: str | None = None, reuse_output: bool | None = None):
-    """``model.clone()`` with ``config`` added (replacing one of the same kind); the input MODEL
-    is never changed. ``variant`` (full/dev/fast) picks TeaCache's published polynomial;
-    ``reuse_output`` makes a TeaCache skip reuse the whole model's output change (module doc)."""
+def _holder(model) -> NativeCacheHolder | None:
+    return model.model_options.get("transformer_options", {}).get(KEY)
+
+
+def _install(model, holder: NativeCacheHolder):
+    """``model.clone()`` carrying ``holder``, with our two wrappers registered once."""
     import comfy.patcher_extension
 
-    require_hidream(model, node_id)
-    config.validate()
-    old = model.model_options.get("transformer_options", {}).get(KEY)
-    others = tuple(c for c in old.configs if c.kind != config.kind) if old is not None else ()
-    configs = (*others, config)
-    check_combination(configs)
-    variant = variant or (old.variant if old is not None else "full")
-    if reuse_output is None:
-        reuse_output = old.reuse_output if old is not None else False
     out = model.clone()
-    holder = NativeCacheHolder(configs, variant, reuse_output)
     out.model_options.setdefault("transformer_options", {})[KEY] = holder
     wrappers = comfy.patcher_extension.WrappersMP
     for kind, fn in ((wrappers.OUTER_SAMPLE, _outer_sample), (wrappers.DIFFUSION_MODEL, _diffusion_model)):
         if not out.wrappers.get(kind, {}).get(KEY):
             out.add_wrapper_with_key(kind, KEY, fn)
     return out
+
+
+def attach_cache(model, config, node_id: str, variant: str | None = None, reuse_output: bool | None = None):
+    """``model.clone()`` with ``config`` added (replacing one of the same kind); the input MODEL
+    is never changed. ``variant`` (full/dev/fast) picks TeaCache's published polynomial;
+    ``reuse_output`` makes a TeaCache skip reuse the whole model's output change (module doc)."""
+    require_hidream(model, node_id)
+    config.validate()
+    old = _holder(model)
+    others = tuple(c for c in old.configs if c.kind != config.kind) if old is not None else ()
+    configs = (*others, config)
+    check_combination(configs)
+    variant = variant or (old.variant if old is not None else "full")
+    if reuse_output is None:
+        reuse_output = old.reuse_output if old is not None else False
+    compile_mode = old.compile if old is not None else "off"
+    return _install(model, NativeCacheHolder(configs, variant, reuse_output, compile_mode))
+
+
+def attach_compile(model, mode: str, node_id: str):
+    """``model.clone()`` whose HiDream blocks run regionally compiled (``blocks``) or eagerly
+    (``off``), with or without our caches; the input MODEL is never changed."""
+    require_hidream(model, node_id)
+    check_compile(mode)
+    old = _holder(model)
+    holder = copy.deepcopy(old) if old is not None else NativeCacheHolder((), "full")
+    holder.compile = mode
+    return _install(model, holder)
 
 
 def _skips_whole_model(holder: NativeCacheHolder) -> bool:
@@ -126,9 +151,12 @@ def _skips_whole_model(holder: NativeCacheHolder) -> bool:
 class _Run:
     """One sampling call: its session, the step bookkeeping, and how a forward is driven."""
 
-    def __init__(self, session: CacheSession, sigmas: torch.Tensor, whole: bool = False) -> None:
+    def __init__(
+        self, session: CacheSession, sigmas: torch.Tensor, whole: bool = False, compile: str = "off"
+    ) -> None:
         self.session = session
         self.whole = whole
+        self.compile = compile
         self._runners: dict[int, NativeRunner] = {}
         self.desc = [-float(s) for s in sigmas.detach().cpu().flatten()]  # ascending, for bisect
         self.step = -1
@@ -146,7 +174,7 @@ class _Run:
     def runner(self, model: torch.nn.Module) -> NativeRunner:
         """One ``NativeRunner`` per diffusion model for the whole run, not one per call."""
         if id(model) not in self._runners:
-            self._runners[id(model)] = NativeRunner(model)
+            self._runners[id(model)] = NativeRunner(model, compile=self.compile)
         return self._runners[id(model)]
 
     def forward(self, model, policy, x, t, y, context, llama, image_cond, opts: dict) -> torch.Tensor:
@@ -167,16 +195,24 @@ def _outer_sample(executor, *args, **kwargs):
     session = open_cache_session(holder.configs, holder.variant, max(len(sigmas) - 1, 1))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     whole = _skips_whole_model(holder)
-    guider.model_options["transformer_options"][RUN_KEY] = _Run(session, sigmas, whole)
+    run = _Run(session, sigmas, whole, holder.compile)
+    guider.model_options["transformer_options"][RUN_KEY] = run
+    graphs = graph_count()
     try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original
         holder.last_session = session
-        holder.last_report = session.summary(
-            NativeRunner(guider.model_patcher.model.diffusion_model).num_blocks
-        )
-        log.info("HiDream native cache: %s", holder.last_report)
+        if holder.configs:
+            blocks = guider.model_patcher.model.diffusion_model
+            holder.last_report = session.summary(
+                len(blocks.double_stream_blocks) + len(blocks.single_stream_blocks)
+            )
+            log.info("HiDream native cache: %s", holder.last_report)
+        if any(r.compiled for r in run._runners.values()):
+            log.info(
+                "HiDream native compile=blocks: %d graph(s) compiled during this call", graph_count() - graphs
+            )
 
 
 def _options(args: tuple, kwargs: dict) -> dict:

@@ -6,6 +6,8 @@ DIFFUSION_MODEL wrapper. ``NativeRunner`` gives the cache policies (``hidream.ca
 interface of ``hidream.forward.runner.TransformerRunner`` (``prepare`` -> ``run_blocks`` ->
 ``finish``) over ComfyUI's own modules, doing the same operations in the same order as
 ``_forward``, so a policy that runs every block returns ComfyUI's output bit for bit (tested).
+Its one difference: each block's MoE runs the pack's sync-free grouped layout where that is
+exact (``hidream.native.moe``; the same bits on the CPU, fewer host syncs on a GPU).
 It reads ComfyUI's module at call time and keeps no per-call state.
 
 ``WholeModel`` is the same forward seen from outside: one "block" from the model's input
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..forward.compile import BlockCaller
 from ..forward.runner import ForwardContext
+from .moe import native_moe
 
 
 @dataclass
@@ -63,12 +67,32 @@ NativeContext.rope = _lazy("rope")
 class NativeRunner:
     """Runs ComfyUI's ``HiDreamImageTransformer2DModel`` block by block (see the module doc)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, moe: str | None = "grouped", compile: str = "off") -> None:
+        """``moe``: ``grouped`` runs the pack's sync-free MoE where it is exact
+        (``hidream.native.moe``), None ComfyUI's own MoE everywhere. ``compile``: ``off`` or
+        ``blocks`` (regional compile of ComfyUI's blocks, ``hidream.forward.compile``)."""
         self.model = model
         self.double_blocks = list(model.double_stream_blocks)
         self.single_blocks = list(model.single_stream_blocks)
         self.num_double = len(self.double_blocks)
         self.num_blocks = self.num_double + len(self.single_blocks)
+        if moe not in ("grouped", None):
+            raise ValueError(f"moe: got {moe!r}; allowed: 'grouped' or None")
+        self._moe = native_moe(self.double_blocks + self.single_blocks) if moe else None
+        self._caller = BlockCaller(compile)
+
+    @property
+    def compiled(self) -> bool:
+        """True while blocks run through the compiled callable (False after a fallback)."""
+        return bool(self._caller.compiled)
+
+    def _call(self, idx: int, block: torch.nn.Module, **kwargs):
+        """Block ``idx`` (flat index), with the sync-free MoE installed for its duration and,
+        when asked, compiled."""
+        if self._moe is None:
+            return self._caller(block, **kwargs)
+        with self._moe.active(idx):
+            return self._caller(block, **kwargs)
 
     def timestep_embedding(self, t, batch: int, x: torch.Tensor) -> torch.Tensor:
         """ComfyUI's ``t_embedder`` on ``t`` broadcast to ``batch`` rows, in ``x``'s dtype."""
@@ -139,7 +163,9 @@ class NativeRunner:
         opts = ctx.transformer_options
         for idx in range(start, min(end, self.num_double)):
             cur = torch.cat([txt, ctx.llama[idx]], dim=1)
-            img, txt = self.double_blocks[idx](
+            img, txt = self._call(
+                idx,
+                self.double_blocks[idx],
                 image_tokens=img,
                 image_tokens_masks=None,
                 text_tokens=cur,
@@ -156,7 +182,9 @@ class NativeRunner:
         seq = hidden.shape[1]
         for idx in range(first_single, end):
             hidden = torch.cat([hidden, ctx.llama[idx]], dim=1)
-            hidden = self.single_blocks[idx - self.num_double](
+            hidden = self._call(
+                idx,
+                self.single_blocks[idx - self.num_double],
                 image_tokens=hidden,
                 image_tokens_masks=None,
                 text_tokens=None,
