@@ -16,8 +16,10 @@ on a shared, loaded 2-core machine; the ratio is over diffusers' MoE):
   the SwiGLU runs as three ``grouped_mm`` calls whose groups are those segments: exactly the
   routed FLOPs, as diffusers. Outputs are weighted and added back per token with
   ``index_add`` in expert order, as diffusers' ``scatter_reduce`` adds them: equal within
-  1e-5 in fp32 (0 difference measured on the benchmark layers). The per-expert weights are
-  stacked on each call (about 3% of the MoE's CPU time here), see ``_stacked``. Padding each
+  1e-5 in fp32 (0 difference measured on the benchmark layers). ``StaticMoE`` packs the
+  experts once (``pack_experts``: their weights become slices of one tensor per projection,
+  same values, same memory), so the GEMMs read them in place; unpacked experts are stacked
+  on each call (``_stacked``), a copy of every expert weight per layer and call. Padding each
   expert's segment to a tile multiple (a static worst-case tile count, for a batched matmul
   over tiles) was not needed: ``grouped_mm`` takes ragged groups with device-side offsets;
   splitting the rows into cache-sized chunks measured slower (1.05-1.25x), and fusing w1 and
@@ -38,8 +40,12 @@ offsets to the host inside the op); with plain bias-free ``Linear`` experts (PEF
 wrappers or hooks would be bypassed by reading the weights). Elsewhere it runs its fallback:
 ``dense`` (sync-free, for compiled blocks) or diffusers' own forward (eager runs).
 
+ComfyUI's HiDream MoE (``hidream.native.moe``) has the same parts and routing, so the same
+layouts serve it; ``_plain_linear`` recognises ComfyUI's ``Linear`` while it casts nothing.
+
 Installation is per instance and reversible (``static_moe``): diffusers' class is never
-patched, and leaving the block restores the module exactly as it was.
+patched, and leaving the block restores the module's forward exactly as it was (the packed
+weights keep their new storage; their values never change).
 """
 
 from __future__ import annotations
