@@ -197,3 +197,21 @@ def test_the_cache_composes_with_core_lora_loaders(setup):
             len(model.model_options["transformer_options"][native_cache.KEY].last_session.records)
             == 2 * STEPS
         )
+
+
+def test_stage_lora_runs_the_same_through_the_runner_and_compiled(setup, eager_backend):
+    """The stage switch replaces the patched experts' weights mid-run: the packed MoE packs them
+    again (same bits as ComfyUI's own forward), and compiled blocks take the new weights as
+    graph inputs. ComfyUI's HiDream parameters require grad and its LoRA patches do not, a flag
+    dynamo guards on: each block class compiles once more for the patched weights, then never
+    again (a second run compiles nothing)."""
+    from hidream_pack.hidream.forward.compile import graph_count
+    from hidream_pack.nodes.native import HiDreamI1NativeCompile
+
+    lora = stage_model(setup, "high")
+    want = sample(lora, setup.pos, setup.neg, setup.sigmas, size=SIZE)  # ComfyUI's own forward
+    for mode in ("off", "blocks", "blocks"):
+        model = HiDreamI1NativeCompile().apply(lora, mode)[0]
+        assert torch.equal(sample(model, setup.pos, setup.neg, setup.sigmas, size=SIZE), want), mode
+        if mode == "blocks":
+            assert graph_count() == 2 * 2  # two block classes, unpatched and patched weights
