@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..limits.check import check_choice
+
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "blocks")
@@ -36,9 +38,7 @@ _WARNED: set[str] = set()
 
 def check_compile(value: object) -> str:
     """Validate the loader's ``compile`` option."""
-    if not isinstance(value, str) or value not in COMPILE_MODES:
-        raise ValueError(f"compile: {value!r} is not a compile mode; allowed: {', '.join(COMPILE_MODES)}")
-    return value
+    return check_choice("compile", value, COMPILE_MODES)
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:

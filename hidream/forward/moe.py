@@ -57,6 +57,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..limits.check import describe_choices, problem
+
 MOE_MODES = ("grouped", "dense", "gather")
 FALLBACKS = ("dense", "diffusers")
 _PROJECTIONS = ("w1", "w3", "w2")
@@ -352,7 +354,7 @@ def _layout(mode: str, fallback: str) -> Callable[[torch.nn.Module, torch.Tensor
 def check_mode(mode: str) -> str:
     """Validate the MoE layout name (``grouped``, ``dense`` or ``gather``)."""
     if mode not in _FORWARDS:
-        raise ValueError(f"moe: {mode!r} is not a MoE layout; allowed: {', '.join(MOE_MODES)}")
+        raise ValueError(problem("moe", mode, describe_choices(MOE_MODES, mode)))
     return mode
 
 

@@ -171,6 +171,11 @@ class _Run:
             self.step, self.stage = step, stage
             self.session.begin_step(step, force_compute=forced)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether any of this run's runners ran its blocks compiled."""
+        return any(r.compiled for r in self._runners.values())
+
     def runner(self, model: torch.nn.Module) -> NativeRunner:
         """One ``NativeRunner`` per diffusion model for the whole run, not one per call."""
         if id(model) not in self._runners:
@@ -209,7 +214,7 @@ def _outer_sample(executor, *args, **kwargs):
                 len(blocks.double_stream_blocks) + len(blocks.single_stream_blocks)
             )
             log.info("HiDream native cache: %s", holder.last_report)
-        if any(r.compiled for r in run._runners.values()):
+        if run.compiled:
             log.info(
                 "HiDream native compile=blocks: %d graph(s) compiled during this call", graph_count() - graphs
             )
