@@ -67,22 +67,11 @@ def bench_transformer(seed: int = 0):
 
 def random_conditioning(seed: int = 0):
     """Random T5/Llama/pooled embeddings shaped like the pack's conditioning."""
-    import torch
-
     load_pack()
-    from hidream_pack.hidream.model import text  # type: ignore[import-not-found]
+    from hidream_pack.hidream.model import tiny  # type: ignore[import-not-found]
 
-    g = torch.Generator().manual_seed(seed)
     layers = len(BENCH_CONFIG["llama_layers"])
-
-    def embeds():
-        return text.PromptEmbeds(
-            t5=torch.randn(1, TEXT_TOKENS, 64, generator=g),
-            llama=torch.randn(layers, 1, TEXT_TOKENS, 64, generator=g),
-            pooled=torch.randn(1, 64, generator=g),
-        )
-
-    return text.Conditioning(positive=embeds(), negative=embeds())
+    return tiny.random_conditioning(seed, TEXT_TOKENS, TEXT_TOKENS, dim=64, layers=layers)
 
 
 def model_handle(transformer, variant: str = "full"):

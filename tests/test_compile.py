@@ -20,8 +20,8 @@ from hidream_pack.hidream.forward.runner import TransformerRunner
 from hidream_pack.hidream.limits.check import show
 from hidream_pack.hidream.lora import session as lora
 from hidream_pack.hidream.lora import spec as lora_spec
+from hidream_pack.hidream.model import tiny
 from hidream_pack.hidream.model.handle import HiDreamModel
-from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
 from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents
 from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
 from hidream_pack.nodes.loaders import HiDreamI1DiffusersLoader, HiDreamI1ModelLoader
@@ -190,17 +190,8 @@ def test_inductor_matches_eager(tiny_transformer):
 
 
 # -- the sampler and the nodes -------------------------------------------------------------
-def _cond() -> Conditioning:
-    g = torch.Generator().manual_seed(7)
-
-    def embeds() -> PromptEmbeds:
-        return PromptEmbeds(
-            t5=torch.randn(1, 9, 32, generator=g),
-            llama=torch.randn(4, 1, 11, 32, generator=g),
-            pooled=torch.randn(1, 32, generator=g),
-        )
-
-    return Conditioning(positive=embeds(), negative=embeds())
+def _cond():
+    return tiny.random_conditioning(7, t5_tokens=9, llama_tokens=11)
 
 
 def test_sampling_with_compile_equals_eager_and_logs_its_graphs(tiny_transformer, eager_backend, caplog):

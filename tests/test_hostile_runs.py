@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from hidream_pack import cli
-from hidream_pack.hidream.model import loading
+from hidream_pack.hidream.model import loading, tiny
 from hidream_pack.hidream.runware import delivery, output, safety
 from hidream_pack.hidream.runware import run as task_runner
 from hidream_pack.hidream.runware.task import TaskValidationError, parse_tasks, read_task_file
@@ -407,18 +407,7 @@ def _lora_file(transformer, path: Path) -> Path:
 
 
 def _cond():
-    from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
-
-    g = torch.Generator().manual_seed(9)
-
-    def embeds() -> PromptEmbeds:
-        return PromptEmbeds(
-            t5=torch.randn(1, 8, 32, generator=g),
-            llama=torch.randn(4, 1, 8, 32, generator=g),
-            pooled=torch.randn(1, 32, generator=g),
-        )
-
-    return Conditioning(positive=embeds(), negative=embeds())
+    return tiny.random_conditioning(9)
 
 
 def test_two_sampling_calls_at_once_do_not_leak_a_lora(models, tmp_path):

@@ -17,6 +17,7 @@ import torch
 from _lora import Boom, base_hash, merged, none_active, run, spec, wrappers_in_tree
 from hidream_pack.hidream.lora import session as lora
 from hidream_pack.hidream.lora import spec as lora_spec
+from hidream_pack.hidream.model import tiny
 from hidream_pack.hidream.model.handle import HiDreamModel
 from hidream_pack.hidream.sampling.progress import Interrupted
 from safetensors.torch import save_file
@@ -25,18 +26,7 @@ base, files = _lora.base, _lora.files  # the shared fixtures
 
 
 def _cond():
-    from hidream_pack.hidream.model.text import Conditioning, PromptEmbeds
-
-    g = torch.Generator().manual_seed(9)
-
-    def embeds() -> PromptEmbeds:
-        return PromptEmbeds(
-            t5=torch.randn(1, 8, 32, generator=g),
-            llama=torch.randn(4, 1, 8, 32, generator=g),
-            pooled=torch.randn(1, 32, generator=g),
-        )
-
-    return Conditioning(positive=embeds(), negative=embeds())
+    return tiny.random_conditioning(9)
 
 
 def _sample(transformer, loras=(), callback=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The sync-free MoE on ComfyUI's native HiDream blocks (``hidream.native.moe``).
+"""The sync-free MoE on ComfyUI's native HiDream blocks (``hidream.native.runner``).
 
 ComfyUI's own MoE indexes with a boolean mask per expert (a host sync each on a GPU); the
 native runner swaps in the pack's grouped layout where it computes exactly what ComfyUI's

@@ -195,6 +195,27 @@ def test_packed_experts_are_views_of_one_tensor_with_the_same_values(monkeypatch
     assert not hasattr(layer, moe_mod._OPERANDS)  # nothing left on the layer after the block
 
 
+def test_lora_wrappers_put_on_packed_experts_are_not_bypassed():
+    """PEFT replaces the expert Linears with LoRA wrappers after the experts were packed: the
+    next block call must see the new layers, not reuse the packed weights."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layer = _moe(*MOE_SIZES["tiny"], seed=13)
+    x = torch.randn(1, 40, MOE_SIZES["tiny"][0], generator=torch.Generator().manual_seed(14))
+    swaps = moe_mod.StaticMoE([layer], "grouped")
+    with torch.no_grad(), swaps.active(0):
+        plain = layer(x)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4.0, target_modules=r".*experts\.\d+\.w[123]$"), layer)
+    for name, param in layer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    with torch.no_grad():
+        want = moe_mod.diffusers_forward(layer, x)
+        with swaps.active(0):
+            got = layer(x)
+    assert (got - want).abs().max().item() <= 1e-5 and (got - plain).abs().max().item() > 1e-3
+
+
 def test_bad_moe_mode_is_an_error_naming_it(tiny_transformer):
     with pytest.raises(ValueError, match='moe: got "sparse"; allowed: one of grouped, dense, gather'):
         TransformerRunner(tiny_transformer, moe="sparse")

@@ -40,7 +40,7 @@ offsets to the host inside the op); with plain bias-free ``Linear`` experts (PEF
 wrappers or hooks would be bypassed by reading the weights). Elsewhere it runs its fallback:
 ``dense`` (sync-free, for compiled blocks) or diffusers' own forward (eager runs).
 
-ComfyUI's HiDream MoE (``hidream.native.moe``) has the same parts and routing, so the same
+ComfyUI's HiDream MoE (``hidream.native.runner``) has the same parts and routing, so the same
 layouts serve it; ``_plain_linear`` recognises ComfyUI's ``Linear`` while it casts nothing.
 
 Installation is per instance and reversible (``static_moe``): diffusers' class is never
@@ -281,14 +281,41 @@ def pack_experts(moe: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
     return tuple(stacked)
 
 
-def _still_packed(moe: torch.nn.Module, stacked: tuple[torch.Tensor, ...]) -> bool:
-    """Whether every expert weight is still its slice of ``stacked`` (nothing replaced it)."""
-    return all(
-        getattr(e, name).weight.data_ptr() == whole[i].data_ptr()
-        and getattr(e, name).weight.shape == whole.shape[1:]
-        for name, whole in zip(_PROJECTIONS, stacked, strict=True)
-        for i, e in enumerate(moe.experts)
-    )
+class _Packing:
+    """One MoE layer's packed experts and what they were packed from, so the check before
+    every block call (``unchanged``) is a few dict lookups per expert projection, not
+    ``_packable``'s full inspection (that cost ~0.4 ms a block through ``nn.Module``'s
+    attribute lookup: ~18 ms a forward of 48 blocks)."""
+
+    def __init__(self, moe: torch.nn.Module, stacked: tuple[torch.Tensor, ...]) -> None:
+        self.stacked = stacked
+        self.slots = [
+            (expert, name, layer, layer._parameters["weight"], layer._parameters["weight"].data_ptr())
+            for expert in moe.experts
+            for name in _PROJECTIONS
+            for layer in (expert._modules[name],)
+        ]
+
+    def unchanged(self) -> bool:
+        """Every projection is still the packed layer, holding its packed weight, and nothing
+        was put on it since that would make it more than ``x @ weight.T`` (hooks, a forward,
+        ComfyUI's on-the-fly cast or patches, which it sets per instance)."""
+        for expert, name, layer, weight, ptr in self.slots:
+            if expert._modules.get(name) is not layer or layer._parameters.get("weight") is not weight:
+                return False
+            if weight.data_ptr() != ptr:  # ``.data`` replaced (a move, an in-place swap)
+                return False
+            d = layer.__dict__
+            if (
+                d["_forward_hooks"]
+                or d["_forward_pre_hooks"]
+                or "forward" in d
+                or d["_parameters"].get("bias") is not None
+            ):
+                return False
+            if d.get("comfy_cast_weights") or d.get("weight_function") or d.get("bias_function"):
+                return False
+        return True
 
 
 def _segment_ends(sorted_experts: torch.Tensor, experts: int) -> torch.Tensor:
@@ -373,7 +400,7 @@ class StaticMoE:
     ) -> None:
         fn = _layout(mode, fallback)
         self._pack = mode == "grouped"
-        self._packed: dict[int, tuple[torch.Tensor, ...] | None] = {}
+        self._packed: dict[int, _Packing] = {}
         self._swaps: dict[int, list[tuple[torch.nn.Module, object]]] = {}
         for i, module in enumerate(modules):
             layers = [m for m in module.modules() if is_moe(m)]
@@ -387,27 +414,31 @@ class StaticMoE:
             for moe, forward in self._swaps.get(index, ()):
                 if "forward" in moe.__dict__:  # someone else's per-instance forward: leave it
                     continue
-                moe.forward = forward
+                moe.__dict__["forward"] = forward  # not parameters or modules: no nn.Module bookkeeping
                 installed.append(moe)
                 packed = self._operands(moe) if self._pack else None
                 if packed is not None:
-                    setattr(moe, _OPERANDS, packed)
+                    moe.__dict__[_OPERANDS] = packed
             yield
         finally:
             for moe in installed:
-                del moe.forward
+                del moe.__dict__["forward"]
                 moe.__dict__.pop(_OPERANDS, None)
 
     def _operands(self, moe: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
-        """The packed experts of ``moe``: packed on first use, packed again when a weight was
-        replaced since; None while a layer is not plain (a patch added on the fly). Checked here,
-        eagerly before the block: ComfyUI's layer class cannot be recognised inside a graph."""
-        if not _packable(moe):
+        """The packed experts of ``moe``: packed on first use, packed again when a weight or
+        layer was replaced since; None while a layer is not plain (a patch added on the fly).
+        Checked here, eagerly before the block: ComfyUI's layer class cannot be recognised
+        inside a graph."""
+        packing = self._packed.get(id(moe))
+        if packing is not None and packing.unchanged():
+            return packing.stacked
+        stacked = pack_experts(moe)  # None where ``_packable`` says no
+        if stacked is None:
+            self._packed.pop(id(moe), None)
             return None
-        packed = self._packed.get(id(moe))
-        if packed is None or not _still_packed(moe, packed):
-            packed = self._packed[id(moe)] = pack_experts(moe)
-        return packed
+        self._packed[id(moe)] = _Packing(moe, stacked)
+        return stacked
 
 
 @contextmanager

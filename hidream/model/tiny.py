@@ -68,6 +68,24 @@ _SCHEDULERS = {
 }
 
 
+def random_conditioning(seed: int, t5_tokens: int = 8, llama_tokens: int = 8, dim: int = 32, layers: int = 4):
+    """Random positive and negative prompt embeddings shaped like the text encoders' output
+    (``text.Conditioning``), for tests and benchmarks that run the transformer without them.
+    Defaults fit the tiny transformer; each side draws t5, llama, pooled in that order."""
+    from .text import Conditioning, PromptEmbeds
+
+    g = torch.Generator().manual_seed(seed)
+
+    def embeds() -> PromptEmbeds:
+        return PromptEmbeds(
+            t5=torch.randn(1, t5_tokens, dim, generator=g),
+            llama=torch.randn(layers, 1, llama_tokens, dim, generator=g),
+            pooled=torch.randn(1, dim, generator=g),
+        )
+
+    return Conditioning(positive=embeds(), negative=embeds())
+
+
 def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
     """Seeded random values everywhere (diffusers zero-inits some layers, which hides bugs)."""
     with torch.no_grad():
