@@ -46,7 +46,7 @@ from _common import BENCH_CONFIG, ROOT, TEXT_TOKENS, load_pack, setup_threads
 TEA_COEFFICIENTS = (0.5, 0.0)
 QUICK = (8, 128, 64)  # steps, size, text tokens per stream
 FULL = (30, 256, TEXT_TOKENS)
-PAIR_REPEATS = 4  # extra alternating TeaCache / EasyCache runs each, for vs_easycache
+PAIR_REPEATS = 10  # extra alternating TeaCache / EasyCache runs each, for vs_easycache
 SIZE = 256
 TOKENS = TEXT_TOKENS
 CFG = 5.0
