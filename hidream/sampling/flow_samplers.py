@@ -21,7 +21,7 @@ float32 0-dim tensor, the convention of diffusers' flow-match schedulers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -33,6 +33,15 @@ Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 TCD_GAMMA = 0.3
 # Fixed Adams-Bashforth coefficients (newest first), the iPNDM / PLMS update for equal steps.
 _AB_COEFFS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def _steps(sigmas, on_step: StepFn) -> Iterator[tuple[int, float, float]]:
+    """Each step's ``(i, t, s)`` (its sigma and the next), after ``on_step(i, t)``: the one place
+    every sampler reports a step (progress bar, cancel, the caches' step) before evaluating it."""
+    for i in range(len(sigmas) - 1):
+        t = sigmas[i]
+        on_step(i, t)
+        yield i, t, sigmas[i + 1]
 
 
 def _x0(x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
@@ -61,9 +70,7 @@ def _dpmpp_first_order(x: torch.Tensor, t: float, s: float, denoised: torch.Tens
 
 def ddim(velocity: Velocity, x, sigmas, noise, on_step):
     """DDIM, eta 0: x0 and eps from the model, re-mixed at the next sigma (equals flow Euler)."""
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         v = velocity(x, t)
         x = (1.0 - s) * _x0(x, t, v) + s * _eps(x, t, v)
     return x
@@ -71,9 +78,7 @@ def ddim(velocity: Velocity, x, sigmas, noise, on_step):
 
 def euler_ancestral(velocity: Velocity, x, sigmas, noise, on_step):
     """Euler to t_down, rescale, add noise: k-diffusion's Euler ancestral on the flow path (eta 1)."""
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         v = velocity(x, t)
         t_down, k, c = ancestral_split(t, s)
         x = k * (x + (t_down - t) * v)
@@ -84,9 +89,7 @@ def euler_ancestral(velocity: Velocity, x, sigmas, noise, on_step):
 
 def ddpm(velocity: Velocity, x, sigmas, noise, on_step):
     """DDPM ancestral sampling: draw x_s from q(x_s | x_t, x0 = model's x0) (posterior variance)."""
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         v = velocity(x, t)
         x0, eps = _x0(x, t, v), _eps(x, t, v)
         _, _, c = ancestral_split(t, s)
@@ -106,17 +109,13 @@ def _dpm2_step(velocity: Velocity, x, t: float, s: float, v: torch.Tensor) -> to
 
 
 def dpm2(velocity: Velocity, x, sigmas, noise, on_step):
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         x = _dpm2_step(velocity, x, t, s, velocity(x, t))
     return x
 
 
 def dpm2_ancestral(velocity: Velocity, x, sigmas, noise, on_step):
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         v = velocity(x, t)
         t_down, k, c = ancestral_split(t, s)
         x = k * _dpm2_step(velocity, x, t, t_down, v)
@@ -139,9 +138,7 @@ def dpmpp_sde(velocity: Velocity, x, sigmas, noise, on_step):
     sub-step (k-diffusion uses a Brownian tree; the marginals are the same). The first step from
     t = 1 (log-SNR -inf, no midpoint) and the last step into 0 are first-order.
     """
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         v = velocity(x, t)
         x0 = _x0(x, t, v)
         if s <= 0.0:
@@ -170,9 +167,7 @@ def dpmpp_3m_sde(velocity: Velocity, x, sigmas, noise, on_step):
     The step out of t = 1 (lambda = -inf) is the exact first-order one and starts no history.
     """
     hist: list[tuple[torch.Tensor, float]] = []  # (x0, h of the step that followed it), newest first
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         x0 = _x0(x, t, velocity(x, t))
         if s <= 0.0:
             x = x0
@@ -205,9 +200,7 @@ def dpmpp_3m_sde(velocity: Velocity, x, sigmas, noise, on_step):
 def ipndm(velocity: Velocity, x, sigmas, noise, on_step):
     """iPNDM: Adams-Bashforth with the fixed equal-step coefficients, warming up from order 1 to 4."""
     hist: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         hist = [velocity(x, t)] + hist[:3]
         coeffs = _AB_COEFFS[len(hist) - 1]
         x = x + (s - t) * sum(c * v for c, v in zip(coeffs, hist, strict=True))
@@ -236,9 +229,7 @@ def _lms_coefficients(nodes: list[float], t: float, s: float) -> list[float]:
 def lms(velocity: Velocity, x, sigmas, noise, on_step):
     """Linear multistep (k-diffusion LMS, order 4) on dx/dt = v with exact variable-step weights."""
     hist: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for i, t, s in _steps(sigmas, on_step):
         hist = [velocity(x, t)] + hist[:3]
         coeffs = _lms_coefficients([sigmas[i - j] for j in range(len(hist))], t, s)
         x = x + sum(c * v for c, v in zip(coeffs, hist, strict=True))
@@ -252,9 +243,7 @@ def pndm(velocity: Velocity, x, sigmas, noise, on_step):
     Runge-Kutta and linear multistep methods reduce to the classical ones on ``dx/dt = v``.
     """
     hist: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for i, t, s in _steps(sigmas, on_step):
         h = s - t
         k1 = velocity(x, t)
         hist = [k1] + hist[:3]
@@ -279,9 +268,7 @@ def _renoise(x_mid, t_mid: float, s: float, noise: NoiseFn) -> torch.Tensor:
 
 def tcd_like(velocity: Velocity, x, sigmas, noise, on_step, gamma: float):
     """TCD's strategic stochastic sampling: DDIM to (1 - gamma) * s, then forward-noise back to s."""
-    for i in range(len(sigmas) - 1):
-        t, s = sigmas[i], sigmas[i + 1]
-        on_step(i, t)
+    for _i, t, s in _steps(sigmas, on_step):
         v = velocity(x, t)
         t_mid = (1.0 - gamma) * s
         x_mid = (1.0 - t_mid) * _x0(x, t, v) + t_mid * _eps(x, t, v)
