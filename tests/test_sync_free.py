@@ -195,6 +195,30 @@ def test_packed_experts_are_views_of_one_tensor_with_the_same_values(monkeypatch
     assert not hasattr(layer, moe_mod._OPERANDS)  # nothing left on the layer after the block
 
 
+def test_a_later_runner_reuses_the_packing_and_a_dead_layer_drops_it():
+    """Each runner (one per sampling call) builds its own ``StaticMoE``: the layer's experts are
+    packed by the first and read in place by the next, not copied again; the packing goes with
+    the layer."""
+    import gc
+
+    layer = _moe(*MOE_SIZES["tiny"], seed=15)
+    x = torch.randn(1, 40, MOE_SIZES["tiny"][0], generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        with moe_mod.StaticMoE([layer], "grouped").active(0):
+            first = layer(x)
+        stacked = moe_mod._PACKED[layer].stacked
+        ptrs = [getattr(e, n).weight.data_ptr() for e in layer.experts for n in ("w1", "w3", "w2")]
+        with moe_mod.StaticMoE([layer], "grouped").active(0):
+            second = layer(x)
+    assert moe_mod._PACKED[layer].stacked is stacked
+    assert [getattr(e, n).weight.data_ptr() for e in layer.experts for n in ("w1", "w3", "w2")] == ptrs
+    assert torch.equal(first, second)
+    count = len(moe_mod._PACKED)
+    del layer, stacked
+    gc.collect()
+    assert len(moe_mod._PACKED) == count - 1
+
+
 def test_lora_wrappers_put_on_packed_experts_are_not_bypassed():
     """PEFT replaces the expert Linears with LoRA wrappers after the experts were packed: the
     next block call must see the new layers, not reuse the packed weights."""

@@ -51,6 +51,7 @@ weights keep their new storage; their values never change).
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -324,6 +325,12 @@ class _Packing:
         return True
 
 
+# Each MoE layer's packing, kept for as long as the layer lives and shared by every ``StaticMoE``
+# (one per runner, so one per sampling call): a layer is packed once, not once per call (a copy of
+# all its experts; ~1% of a short run on the bench model).
+_PACKED: weakref.WeakKeyDictionary[torch.nn.Module, _Packing] = weakref.WeakKeyDictionary()
+
+
 def _segment_ends(sorted_experts: torch.Tensor, experts: int) -> torch.Tensor:
     """End offset of each expert's rows in the expert-sorted pick list, ``[experts]`` int32.
 
@@ -407,7 +414,6 @@ class StaticMoE:
     ) -> None:
         fn = _layout(mode, fallback)
         self._pack = mode == "grouped"
-        self._packed: dict[int, _Packing] = {}
         self._swaps: dict[int, list[tuple[torch.nn.Module, object]]] = {}
         for i, module in enumerate(modules):
             layers = [m for m in module.modules() if is_moe(m)]
@@ -437,14 +443,14 @@ class StaticMoE:
         layer was replaced since; None while a layer is not plain (a patch added on the fly).
         Checked here, eagerly before the block: ComfyUI's layer class cannot be recognised
         inside a graph."""
-        packing = self._packed.get(id(moe))
+        packing = _PACKED.get(moe)
         if packing is not None and packing.unchanged():
             return packing.stacked
         stacked = pack_experts(moe)  # None where ``_packable`` says no
         if stacked is None:
-            self._packed.pop(id(moe), None)
+            _PACKED.pop(moe, None)
             return None
-        self._packed[id(moe)] = _Packing(moe, stacked)
+        _PACKED[moe] = _Packing(moe, stacked)
         return stacked
 
 
