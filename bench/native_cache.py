@@ -14,8 +14,8 @@ speedup, the ideal being 1 / (fraction of block calls run); native_efficiency is
 three caches together (sum of ideal times / sum of measured times). Core EasyCache (start 0,
 end 1, its threshold bisected until it skips as many steps as our TeaCache) skips the whole
 model on a hit, as TeaCache does, so vs_easycache = our TeaCache wall / EasyCache wall
-compares the two attachments' overheads. Times are minima over 3 interleaved repeats (order
-rotated per repeat); CPU-time figures are printed too, since wall time on a shared machine is noisy.
+compares the two attachments' overheads. Times are minima over interleaved repeats (5 with
+--quick, 3 without; order rotated per repeat); CPU-time figures are printed too, since wall time on a shared machine is noisy.
 The two runs differ by about a millisecond a skipped call against ~0.5 s a computed one, far
 below that noise, so TeaCache and EasyCache then run PAIR_REPEATS more times each, alternating
 (ABBA), and vs_easycache is the ratio of their minima over all their runs; those extra runs
@@ -292,6 +292,43 @@ def skipped_calls(model, name: str, ec_log: _SkipLog) -> int:
     return sum(steps.values())
 
 
+def forward_ab(bench, repeats: int) -> None:
+    """One CFG forward alone, ComfyUI's against the pack's runner (what a computed call of
+    ours runs), interleaved ``repeats`` times: the outputs must be equal; prints the ratios of
+    their minima and medians (thread CPU time)."""
+    import torch
+    from hidream_pack.hidream.native.runner import NativeRunner
+
+    model = bench.patcher.model.diffusion_model
+    runner = NativeRunner(model)
+    x = torch.randn(2, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(2))
+    t = torch.full((2,), 500.0)
+    pos, neg = (c[0] for c in (bench.pos, bench.neg))
+    y, context, llama = (
+        torch.cat([pos[1]["pooled_output"], neg[1]["pooled_output"]]),
+        torch.cat([pos[0], neg[0]]),
+        torch.cat([pos[1]["conditioning_llama3"], neg[1]["conditioning_llama3"]]),
+    )
+    calls = {
+        "ComfyUI": lambda: model(x, t, y=y, context=context, encoder_hidden_states_llama3=llama),
+        "ours": lambda: runner.forward(x, t, y, context, llama),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        if not torch.equal(calls["ComfyUI"](), calls["ours"]()):
+            sys.exit("the runner's forward differs from ComfyUI's")
+        for r in range(repeats):
+            for name in calls if r % 2 == 0 else reversed(list(calls)):
+                start = time.thread_time()
+                calls[name]()
+                times[name].append(time.thread_time() - start)
+    lo, mid = (f(times["ours"]) / f(times["ComfyUI"]) for f in (min, statistics.median))
+    print(
+        f"one forward, {repeats} interleaved repeats, outputs equal: ours {min(times['ours']) * 1e3:.1f} ms, "
+        f"ComfyUI's {min(times['ComfyUI']) * 1e3:.1f} ms (minima); forward_ratio={lo:.3f} (minima), {mid:.3f} (medians)"
+    )
+
+
 def rel_l1(a, b) -> float:
     return float((a - b).abs().sum() / b.abs().sum())
 
@@ -303,13 +340,22 @@ def main() -> None:
         action="store_true",
         help=f"{QUICK[0]} steps at {QUICK[1]}px, {QUICK[2]} text tokens",
     )
+    parser.add_argument(
+        "--forward",
+        type=int,
+        metavar="N",
+        help="only time one forward, ComfyUI's against the pack's runner, N interleaved repeats",
+    )
     args = parser.parse_args()
     global SIZE, TOKENS
-    steps, SIZE, TOKENS, repeats = (*QUICK, 3) if args.quick else (*FULL, 3)
+    steps, SIZE, TOKENS, repeats = (*QUICK, 5) if args.quick else (*FULL, 3)
     setup_threads(1)
     load_pack()
     comfy = import_comfy()
     bench = Bench(comfy, build(comfy), steps)
+    if args.forward:
+        forward_ab(bench, args.forward)
+        return
     print(
         f"native HiDream (ComfyUI's model class, bench config), {SIZE}x{SIZE}, {TOKENS}+{TOKENS} text tokens, "
         f"{steps} steps, CFG {CFG}, euler"
