@@ -87,7 +87,67 @@ def image_ids(grid: tuple[int, int], batch: int, device: torch.device) -> torch.
     return ids.reshape(gh * gw, 3).unsqueeze(0).repeat(batch, 1, 1)
 
 
-class TransformerRunner:
+class BlockRunner:
+    """The block loop both runners share: HiDream's block order over one flat index (the module
+    doc), each block with its MoE static and, when asked, compiled. This engine's runner
+    (diffusers' blocks) and ``hidream.native.runner`` (ComfyUI's) differ only in ``call_block``:
+    how one block is called (a double block returns ``(img, txt)``, a single one the joined
+    stream). Subclasses set ``_moe`` (a ``StaticMoE`` over ``_blocks``, or None)."""
+
+    _moe: StaticMoE | None = None
+
+    def __init__(self, model: torch.nn.Module, compile: str) -> None:
+        """``model``: a HiDream transformer, diffusers' or ComfyUI's (the same block lists)."""
+        self.double_blocks = list(model.double_stream_blocks)
+        self.single_blocks = list(model.single_stream_blocks)
+        self.num_double = len(self.double_blocks)
+        self.num_blocks = self.num_double + len(self.single_blocks)
+        self._blocks = self.double_blocks + self.single_blocks  # one flat index, as run_blocks takes
+        self._caller = BlockCaller(compile)
+
+    @property
+    def compiled(self) -> bool:
+        """True while blocks run through the compiled callable (False after a fallback)."""
+        return bool(self._caller.compiled)
+
+    def _call(self, idx: int, **kwargs) -> object:
+        """Block ``idx`` (flat index) with its MoE static and, when asked, compiled."""
+        block = self._blocks[idx]
+        if self._moe is None:
+            return self._caller(block, **kwargs)
+        with self._moe.active(idx):
+            return self._caller(block, **kwargs)
+
+    def call_block(
+        self, idx: int, ctx: ForwardContext, tokens: torch.Tensor, text: torch.Tensor | None = None
+    ):
+        """Block ``idx`` on ``tokens`` (and ``text`` for a double block): each runner's own."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to call a block")
+
+    def run_blocks(
+        self, ctx: ForwardContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run flat blocks ``start``..``end``-1 (double blocks first, then single blocks).
+
+        Returns the image and text streams after the range, so a cache can store the
+        residual of any range and replay it later.
+        """
+        n_txt = txt.shape[1]
+        for idx in range(start, min(end, self.num_double)):
+            img, txt = self.call_block(idx, ctx, img, torch.cat([txt, ctx.llama[idx]], dim=1))
+            txt = txt[:, :n_txt]
+        first_single = max(start, self.num_double)
+        if first_single >= end:
+            return img, txt
+        n_img = img.shape[1]
+        hidden = torch.cat([img, txt], dim=1)
+        seq = hidden.shape[1]
+        for idx in range(first_single, end):
+            hidden = self.call_block(idx, ctx, torch.cat([hidden, ctx.llama[idx]], dim=1))[:, :seq]
+        return hidden[:, :n_img], hidden[:, n_img:]
+
+
+class TransformerRunner(BlockRunner):
     """Runs a diffusers ``HiDreamImageTransformer2DModel`` block by block.
 
     The runner holds no per-call state, so one instance can serve any number of calls.
@@ -104,31 +164,13 @@ class TransformerRunner:
     """
 
     def __init__(self, transformer: torch.nn.Module, moe: str | None = "auto", compile: str = "off") -> None:
+        super().__init__(transformer, compile)
         self.transformer = transformer
         self.config = transformer.config
-        self.double_blocks = list(transformer.double_stream_blocks)
-        self.single_blocks = list(transformer.single_stream_blocks)
-        self.num_double = len(self.double_blocks)
-        self.num_blocks = self.num_double + len(self.single_blocks)
-        self._blocks = self.double_blocks + self.single_blocks  # one flat index, as run_blocks takes
         fallback = "dense"
         if moe == "auto":  # eager: where grouped would sync, diffusers' MoE (fewer FLOPs than dense)
             moe, fallback = "grouped", ("dense" if compile == "blocks" else "diffusers")
         self._moe = StaticMoE(self._blocks, moe, fallback) if moe is not None else None
-        self._caller = BlockCaller(compile)
-
-    @property
-    def compiled(self) -> bool:
-        """True while blocks run through the compiled callable (False after a fallback)."""
-        return bool(self._caller.compiled)
-
-    def _call(self, idx: int, **kwargs) -> object:
-        """Block ``idx`` (flat index) with its MoE static and, when asked, compiled."""
-        block = self._blocks[idx]
-        if self._moe is None:
-            return self._caller(block, **kwargs)
-        with self._moe.active(idx):
-            return self._caller(block, **kwargs)
 
     def prepare(
         self,
@@ -162,43 +204,19 @@ class TransformerRunner:
             img=img, txt=txt, temb=temb, llama=llama_proj, rope=rope, grid=grid, batch=batch, t_emb=t_emb
         )
 
-    def run_blocks(
-        self, ctx: ForwardContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run flat blocks ``start``..``end``-1 (double blocks first, then single blocks).
-
-        Returns the image and text streams after the range, so a cache can store the
-        residual of any range and replay it later.
-        """
-        n_txt = txt.shape[1]
-        for idx in range(start, min(end, self.num_double)):
-            cur = torch.cat([txt, ctx.llama[idx]], dim=1)
-            img, txt = self._call(
-                idx,
-                hidden_states=img,
-                hidden_states_masks=None,
-                encoder_hidden_states=cur,
-                temb=ctx.temb,
-                image_rotary_emb=ctx.rope,
-            )
-            txt = txt[:, :n_txt]
-        first_single = max(start, self.num_double)
-        if first_single >= end:
-            return img, txt
-        n_img = img.shape[1]
-        h = torch.cat([img, txt], dim=1)
-        seq = h.shape[1]
-        for idx in range(first_single, end):
-            h = torch.cat([h, ctx.llama[idx]], dim=1)
-            h = self._call(
-                idx,
-                hidden_states=h,
-                hidden_states_masks=None,
-                encoder_hidden_states=None,
-                temb=ctx.temb,
-                image_rotary_emb=ctx.rope,
-            )[:, :seq]
-        return h[:, :n_img], h[:, n_img:]
+    def call_block(
+        self, idx: int, ctx: ForwardContext, tokens: torch.Tensor, text: torch.Tensor | None = None
+    ):
+        """Block ``idx`` (flat index): a double block on the image tokens and ``text`` (the text
+        stream with its Llama layer), or a single block on the joined streams (``text`` None)."""
+        return self._call(
+            idx,
+            hidden_states=tokens,
+            hidden_states_masks=None,
+            encoder_hidden_states=text,
+            temb=ctx.temb,
+            image_rotary_emb=ctx.rope,
+        )
 
     def finish(self, ctx: ForwardContext, img: torch.Tensor) -> torch.Tensor:
         """Final layer on the image tokens, back to [B, C, H, W] (not negated)."""

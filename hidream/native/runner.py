@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..forward.compile import BlockCaller
 from ..forward.moe import StaticMoE
-from ..forward.runner import ForwardContext
+from ..forward.runner import BlockRunner, ForwardContext
 
 
 @dataclass
@@ -75,36 +74,19 @@ NativeContext.llama = _lazy("llama")
 NativeContext.rope = _lazy("rope")
 
 
-class NativeRunner:
+class NativeRunner(BlockRunner):
     """Runs ComfyUI's ``HiDreamImageTransformer2DModel`` block by block (see the module doc)."""
 
     def __init__(self, model: torch.nn.Module, moe: str | None = "grouped", compile: str = "off") -> None:
         """``moe``: ``grouped`` runs the pack's sync-free MoE where it is exact
         (module doc), None ComfyUI's own MoE everywhere. ``compile``: ``off`` or
         ``blocks`` (regional compile of ComfyUI's blocks, ``hidream.forward.compile``)."""
-        self.model = model
-        self.double_blocks = list(model.double_stream_blocks)
-        self.single_blocks = list(model.single_stream_blocks)
-        self.num_double = len(self.double_blocks)
-        self.num_blocks = self.num_double + len(self.single_blocks)
         if moe not in ("grouped", None):
             raise ValueError(f"moe: got {moe!r}; allowed: 'grouped' or None")
-        blocks = self.double_blocks + self.single_blocks
-        self._moe = StaticMoE(blocks, "grouped", "diffusers") if moe else None  # ComfyUI's where not exact
-        self._caller = BlockCaller(compile)
-
-    @property
-    def compiled(self) -> bool:
-        """True while blocks run through the compiled callable (False after a fallback)."""
-        return bool(self._caller.compiled)
-
-    def _call(self, idx: int, block: torch.nn.Module, **kwargs):
-        """Block ``idx`` (flat index), with the sync-free MoE installed for its duration and,
-        when asked, compiled."""
-        if self._moe is None:
-            return self._caller(block, **kwargs)
-        with self._moe.active(idx):
-            return self._caller(block, **kwargs)
+        super().__init__(model, compile)
+        self.model = model
+        # grouped where it is exact, ComfyUI's own MoE elsewhere (the module doc)
+        self._moe = StaticMoE(self._blocks, "grouped", "diffusers") if moe else None
 
     def timestep_embedding(self, t, batch: int, x: torch.Tensor) -> torch.Tensor:
         """ComfyUI's ``t_embedder`` on ``t`` broadcast to ``batch`` rows, in ``x``'s dtype."""
@@ -169,42 +151,20 @@ class NativeRunner:
             text_fn=text,
         )
 
-    def run_blocks(self, ctx: NativeContext, start: int, end: int, img: torch.Tensor, txt: torch.Tensor):
-        """Flat blocks ``start``..``end``-1 (double first); returns the image and text streams."""
-        n_txt = txt.shape[1]
-        opts = ctx.transformer_options
-        for idx in range(start, min(end, self.num_double)):
-            cur = torch.cat([txt, ctx.llama[idx]], dim=1)
-            img, txt = self._call(
-                idx,
-                self.double_blocks[idx],
-                image_tokens=img,
-                image_tokens_masks=None,
-                text_tokens=cur,
-                adaln_input=ctx.temb,
-                rope=ctx.rope,
-                transformer_options=opts,
-            )
-            txt = txt[:, :n_txt]
-        first_single = max(start, self.num_double)
-        if first_single >= end:
-            return img, txt
-        n_img = img.shape[1]
-        hidden = torch.cat([img, txt], dim=1)
-        seq = hidden.shape[1]
-        for idx in range(first_single, end):
-            hidden = torch.cat([hidden, ctx.llama[idx]], dim=1)
-            hidden = self._call(
-                idx,
-                self.single_blocks[idx - self.num_double],
-                image_tokens=hidden,
-                image_tokens_masks=None,
-                text_tokens=None,
-                adaln_input=ctx.temb,
-                rope=ctx.rope,
-                transformer_options=opts,
-            )[:, :seq]
-        return hidden[:, :n_img], hidden[:, n_img:]
+    def call_block(
+        self, idx: int, ctx: NativeContext, tokens: torch.Tensor, text: torch.Tensor | None = None
+    ):
+        """ComfyUI's block ``idx`` (flat index): double on the image tokens and ``text``, single on
+        the joined streams (``text`` None); see ``forward.runner.BlockRunner``."""
+        return self._call(
+            idx,
+            image_tokens=tokens,
+            image_tokens_masks=None,
+            text_tokens=text,
+            adaln_input=ctx.temb,
+            rope=ctx.rope,
+            transformer_options=ctx.transformer_options,
+        )
 
     def finish(self, ctx: NativeContext, img: torch.Tensor) -> torch.Tensor:
         """Final layer, unpatchify, crop and negate, as the end of ComfyUI's ``_forward``."""
