@@ -194,17 +194,30 @@ def _plain_linear(layer: object) -> bool:
     ``weight_function`` / ``bias_function``: fp8 and manual-cast checkpoints and lowvram LoRA
     fail this). PEFT's LoRA wrappers and offload hooks fail it too, so they run through the module.
     ComfyUI's class is recognised by its forward's name, so this module never imports ComfyUI."""
-    if not isinstance(layer, torch.nn.Linear) or layer.bias is not None:
-        return False
-    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__:
+    if not isinstance(layer, torch.nn.Linear) or not _unpatched(layer.__dict__):
         return False
     if type(layer) is torch.nn.Linear:
         return True
-    return (
+    return (  # the class-level defaults of ComfyUI's ops (``_unpatched`` read the instance's)
         type(layer).forward.__qualname__ == "disable_weight_init.Linear.forward"
         and getattr(layer, "comfy_cast_weights", True) is False
         and not getattr(layer, "weight_function", True)
         and not getattr(layer, "bias_function", True)
+    )
+
+
+def _unpatched(d: dict) -> bool:
+    """A ``Linear``'s own ``__dict__`` holds nothing that makes it more than ``x @ weight.T``:
+    no bias, hooks or per-instance forward, and none of what ComfyUI sets per instance to cast
+    or patch on the fly. Dict reads only: ``_Packing.unchanged`` runs this before every block."""
+    return not (
+        d["_parameters"].get("bias") is not None
+        or d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or "forward" in d
+        or d.get("comfy_cast_weights")
+        or d.get("weight_function")
+        or d.get("bias_function")
     )
 
 
@@ -310,17 +323,7 @@ class _Packing:
         for expert, name, layer, weight, ptr in self.slots:
             if expert._modules.get(name) is not layer or layer._parameters.get("weight") is not weight:
                 return False
-            if weight.data_ptr() != ptr:  # ``.data`` replaced (a move, an in-place swap)
-                return False
-            d = layer.__dict__
-            if (
-                d["_forward_hooks"]
-                or d["_forward_pre_hooks"]
-                or "forward" in d
-                or d["_parameters"].get("bias") is not None
-            ):
-                return False
-            if d.get("comfy_cast_weights") or d.get("weight_function") or d.get("bias_function"):
+            if weight.data_ptr() != ptr or not _unpatched(layer.__dict__):  # ``.data`` replaced, or patched
                 return False
         return True
 

@@ -98,11 +98,10 @@ class BlockRunner:
 
     def __init__(self, model: torch.nn.Module, compile: str) -> None:
         """``model``: a HiDream transformer, diffusers' or ComfyUI's (the same block lists)."""
-        self.double_blocks = list(model.double_stream_blocks)
-        self.single_blocks = list(model.single_stream_blocks)
-        self.num_double = len(self.double_blocks)
-        self.num_blocks = self.num_double + len(self.single_blocks)
-        self._blocks = self.double_blocks + self.single_blocks  # one flat index, as run_blocks takes
+        double = list(model.double_stream_blocks)
+        self.num_double = len(double)
+        self._blocks = double + list(model.single_stream_blocks)  # one flat index, as run_blocks takes
+        self.num_blocks = len(self._blocks)
         self._caller = BlockCaller(compile)
 
     @property
