@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hidream_pack.hidream.model.tiny import TINY_TRANSFORMER_CONFIG
+from hidream_pack.hidream.model import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = (
@@ -72,21 +72,9 @@ def comfy_imported():
 
 
 def native_model(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32):
-    """ComfyUI's own HiDream model (``comfy.model_base.HiDream``) at ``transformer``'s config,
-    holding ``transformer``'s weights (the key names are the same), in a ``ModelPatcher``."""
-    comfy = import_comfy()
-    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
-    keep = list(TINY_TRANSFORMER_CONFIG)  # the constructor arguments ComfyUI takes too
-    unet = {"image_model": "hidream", **{k: config[k] for k in keep}}
-    model_config = comfy.supported_models.HiDream(unet)
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({}, device="cpu")
-    missing, unexpected = base.diffusion_model.load_state_dict(transformer.state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"tiny weights do not match ComfyUI's HiDream: {missing[:3]} {unexpected[:3]}")
-    base.diffusion_model.to(dtype).eval()
-    dev = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=dev)
+    """ComfyUI's own HiDream model at ``transformer``'s config with its weights (``tiny.comfy_model``)."""
+    import_comfy()
+    return tiny.comfy_model(transformer, dtype)
 
 
 def conditioning(layers: int, seed: int = 1, tokens: int = 8, dim: int = 32):
@@ -99,22 +87,11 @@ def conditioning(layers: int, seed: int = 1, tokens: int = 8, dim: int = 32):
     llama = torch.randn(layers, 2, tokens, dim, generator=g)
     pooled = torch.randn(2, dim, generator=g)
 
-    def comfy_cond(i: int) -> list:
-        return [
-            [
-                t5[i : i + 1],
-                {
-                    "pooled_output": pooled[i : i + 1],
-                    "conditioning_llama3": llama[:, i : i + 1].movedim(1, 0),
-                },
-            ]
-        ]
-
     pack = text.Conditioning(
         positive=text.PromptEmbeds(t5[1:], llama[:, 1:], pooled[1:]),
         negative=text.PromptEmbeds(t5[:1], llama[:, :1], pooled[:1]),
     )
-    return comfy_cond(1), comfy_cond(0), pack
+    return tiny.comfy_conditioning(pack.positive), tiny.comfy_conditioning(pack.negative), pack
 
 
 def sample(

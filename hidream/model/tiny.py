@@ -138,6 +138,34 @@ def build_transformer(seed: int = 0):
     return model.eval()
 
 
+def comfy_model(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32):
+    """ComfyUI's own HiDream model (``comfy.model_base.HiDream``) at ``transformer``'s config,
+    holding its weights (the key names are the same), in a CPU ``ModelPatcher``: what *Load
+    Diffusion Model* would give if it built HiDream below its full size. For the tests and the
+    real-ComfyUI suite; needs ComfyUI importable (imported here, never at module import)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    unet = {"image_model": "hidream", **{k: config[k] for k in TINY_TRANSFORMER_CONFIG}}
+    model_config = comfy.supported_models.HiDream(unet)
+    model_config.set_inference_dtype(dtype, None)
+    base = model_config.get_model({}, device="cpu")
+    missing, unexpected = base.diffusion_model.load_state_dict(transformer.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"tiny weights do not match ComfyUI's HiDream: {missing[:3]} {unexpected[:3]}")
+    base.diffusion_model.to(dtype).eval()
+    dev = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=dev)
+
+
+def comfy_conditioning(embeds) -> list:
+    """One prompt's ``PromptEmbeds`` in ComfyUI's CONDITIONING format (what
+    *CLIPTextEncodeHiDream* gives): T5 as the cond, pooled and the Llama layers beside it."""
+    extra = {"pooled_output": embeds.pooled, "conditioning_llama3": embeds.llama.movedim(1, 0)}
+    return [[embeds.t5, extra]]
+
+
 def _build_clip(slot: str, gen: torch.Generator):
     from transformers import CLIPTextModelWithProjection
 

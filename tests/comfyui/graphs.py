@@ -11,11 +11,14 @@ from harness import PACK_ROOT
 WORKFLOWS = PACK_ROOT / "workflows"
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 # ComfyUI's own HiDream graph: Load Diffusion Model builds HiDream at its full 17B config from
-# any file, so the tiny weights cannot run there. The suite checks this graph against the server
-# (types, widgets, links, API twin); tests/test_native_*.py run ComfyUI's own sampling on its
-# HiDream class at the tiny config with the same nodes.
+# any file, so the tiny weights cannot run there as shipped. The suite checks these graphs against
+# the server (types, widgets, links, API twin) and runs them with the loaders swapped for its
+# tiny stand-ins (``native_tiny``, tiny_native_nodes.py); tests/test_native_*.py run ComfyUI's
+# own sampling on its HiDream class at the tiny config with the same nodes, in-process.
 NATIVE_ONLY = {"hidream_i1_full_native_cache_lora", "hidream_i1_full_native_custom_sampler"}
 RUNNABLE_API_FILES = [p for p in API_FILES if p.stem not in NATIVE_ONLY]
+NATIVE_API_FILES = [p for p in API_FILES if p.stem in NATIVE_ONLY]
+NATIVE_SIDE = 128
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 MAX_SIDE = 256
 STEPS = 3
@@ -81,4 +84,27 @@ def t2i(**sampler: object) -> dict:
     """The shipped text-to-image graph, shrunk, with sampler widgets replaced."""
     graph = shrink(load(WORKFLOWS / "api" / "hidream_i1_full_t2i.json"))
     graph["6"]["inputs"].update(sampler)
+    return graph
+
+
+def native_tiny(graph: dict, vae_name: str) -> dict:
+    """A shipped native-MODEL graph as the real server can run it on tiny weights: *Load
+    Diffusion Model* and the text encoding replaced by the suite's stand-ins (the same outputs,
+    MODEL and CONDITIONING), the Flux VAE that core *VAELoader* reads, NATIVE_SIDE px and STEPS
+    steps. Every other node, the pack's included, stays as shipped."""
+    graph = copy.deepcopy(graph)
+    for node_id, node in list(graph.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            graph[node_id] = {"class_type": "HiDreamTestTinyModel", "inputs": {"seed": 0}}
+        elif kind == "CLIPTextEncodeHiDream":
+            graph[node_id] = {"class_type": "HiDreamTestTinyConditioning", "inputs": {"seed": int(node_id)}}
+        elif kind == "QuadrupleCLIPLoader":
+            del graph[node_id]
+        elif kind == "VAELoader":
+            inputs["vae_name"] = vae_name
+        elif kind == "EmptySD3LatentImage":
+            inputs["width"] = inputs["height"] = NATIVE_SIDE
+        elif "steps" in inputs:
+            inputs["steps"] = STEPS
     return graph

@@ -42,6 +42,7 @@ INSTALL_HINT = (
 LORA_FILES = ("hidream_composition_lora.safetensors", "hidream_detail_lora.safetensors")
 NOT_A_LORA = "not_a_lora.safetensors"
 FULL_VAE = "flux_ae_random_full.safetensors"
+TEST_NODES = "hidream_test_tiny_native.py"  # test-only custom node, never in the pack
 
 
 def find_comfyui() -> Path | None:
@@ -150,6 +151,8 @@ def prepare_base(base: Path) -> Path:
     """A ComfyUI base directory: the pack in custom_nodes/, models in models/."""
     base.mkdir(parents=True, exist_ok=True)
     install_pack(base)
+    # the suite's stand-ins for ComfyUI's full-size HiDream loaders (tiny_native_nodes.py)
+    shutil.copy2(Path(__file__).with_name("tiny_native_nodes.py"), base / "custom_nodes" / TEST_NODES)
     write_models(base / "models")
     for sub in ("input", "output", "user", "temp"):
         (base / sub).mkdir(exist_ok=True)
