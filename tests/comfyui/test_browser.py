@@ -25,7 +25,7 @@ from pathlib import Path
 
 import graphs
 import pytest
-from harness import PACK_ROOT, Client
+from harness import PACK_ROOT, TEST_NODES, Client
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR") or PACK_ROOT / "artifacts" / "browser")
@@ -238,7 +238,13 @@ def _flat(text: str) -> str:
 
 @pytest.fixture(scope="session")
 def pack_nodes(comfy: Client) -> dict[str, dict]:
-    return {k: v for k, v in comfy.object_info().items() if v["python_module"].startswith("custom_nodes.")}
+    """The pack's nodes: every custom node but the suite's own stand-ins (harness.TEST_NODES)."""
+    stand_ins = "custom_nodes." + Path(TEST_NODES).stem
+    return {
+        k: v
+        for k, v in comfy.object_info().items()
+        if v["python_module"].startswith("custom_nodes.") and v["python_module"] != stand_ins
+    }
 
 
 def _help_text(editor: Editor, node_id: str) -> str:
