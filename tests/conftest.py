@@ -8,29 +8,15 @@ imports triton), so it is set here, first.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
+import runpy
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-PACK_NAME = "hidream_pack"
-
-
-def _load_pack() -> None:
-    if PACK_NAME in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-
-
-_load_pack()
+# the pack as ``hidream_pack``, and the checkout off sys.path (``python -m pytest`` puts it there)
+runpy.run_path(str(PACK_ROOT / "pack_loader.py"))["load_pack"]()
 
 # Tiny models: thread start-up costs more than it saves, and one thread keeps CPU results
 # independent of the machine's core count. With other processes on the machine a second

@@ -15,8 +15,8 @@ node's own tooltips say.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
+import runpy
 import sys
 from pathlib import Path
 
@@ -25,15 +25,8 @@ DOCS = ROOT / "web" / "docs"
 
 
 def load_pack():
-    """The pack under its fixed module name, loaded by path as ComfyUI does."""
-    if "hidream_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "hidream_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hidream_pack"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hidream_pack"]
+    """The pack by path under its fixed name, as ComfyUI loads it (``pack_loader.py``)."""
+    return runpy.run_path(str(ROOT / "pack_loader.py"))["load_pack"]()
 
 
 def _flat(text: object) -> str:

@@ -15,8 +15,8 @@ they cannot drift from the node definitions.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import runpy
 import sys
 from pathlib import Path
 
@@ -48,14 +48,8 @@ REAL_FILES = {
 
 
 def load_pack():
-    if "hidream_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "hidream_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hidream_pack"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hidream_pack"]
+    """The pack by path under its fixed name, as ComfyUI loads it (``pack_loader.py``)."""
+    return runpy.run_path(str(ROOT / "pack_loader.py"))["load_pack"]()
 
 
 def t2i_graph(
