@@ -52,7 +52,7 @@ class ComfyQueue:
         self.server.number += 1
         job.prompt_id = prompt_id
         extra = {"runware_task_uuid": job.task_uuid}
-        self.server.prompt_queue.put((number, prompt_id, prompt, extra, valid[2]))
+        self.server.prompt_queue.put(queue_item(execution, number, prompt_id, prompt, extra, valid[2]))
 
     def state(self, prompt_id: str) -> tuple[str, list]:
         """``queued``, ``running``, ``success``/``error`` (with messages) or ``gone`` (deleted)."""
@@ -80,6 +80,20 @@ class ComfyQueue:
             job.fail(wire.CODE_CANCELLED, "The task was cancelled in ComfyUI's queue before it finished.")
         else:
             job.fail(wire.CODE_INFERENCE, "The task's prompt ended in ComfyUI without results.")
+
+
+def queue_item(execution: Any, number: int, prompt_id: str, prompt: dict, extra: dict, outputs: list) -> tuple:
+    """A prompt-queue entry in the shape this ComfyUI's own ``POST /prompt`` builds.
+
+    Releases that keep sign-in tokens out of ``/queue`` and history (``execution.
+    SENSITIVE_EXTRA_DATA_KEYS``, 0.33 and later) queue six fields, the sixth holding those keys,
+    and their prompt worker reads it: a five-field entry kills that worker thread. Older
+    releases queue five. The API's job prompt carries no such keys, so the sixth is empty.
+    """
+    if not hasattr(execution, "SENSITIVE_EXTRA_DATA_KEYS"):
+        return (number, prompt_id, prompt, extra, outputs)
+    extra = {**extra, "create_time": int(time.time() * 1000)}  # as the server stamps it
+    return (number, prompt_id, prompt, extra, outputs, {})
 
 
 def _base_url(request: web.Request) -> str:

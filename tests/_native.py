@@ -30,6 +30,16 @@ def comfyui_root() -> Path | None:
     return None
 
 
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI the tests run against (its ``comfyui_version.py``)."""
+    root = comfyui_root()
+    if root is None:
+        pytest.skip(INSTALL_HINT)
+    text = (root / "comfyui_version.py").read_text()
+    number = text.split("__version__", 1)[1].split('"')[1]
+    return tuple(int(part) for part in number.split("."))
+
+
 def import_comfy():
     """Put ComfyUI on ``sys.path`` (CPU mode) and return ``comfy``, or skip the test."""
     root = comfyui_root()

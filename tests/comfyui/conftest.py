@@ -39,6 +39,19 @@ def comfy(tmp_path_factory) -> harness.Client:
         print(f"\nComfyUI log: {server.log_path}")
 
 
+@pytest.fixture(autouse=True)
+def _worker_alive(request):
+    """Each test of the suite starts and ends with ComfyUI's prompt worker alive: once that thread
+    has died the server still answers HTTP but runs nothing, and every later test would wait."""
+    if "comfy" not in request.fixturenames:
+        yield
+        return
+    log = request.getfixturevalue("comfy").log_path
+    harness.check_worker_alive(log)
+    yield
+    harness.check_worker_alive(log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each browser run of a workflow right after the HTTP run of its API twin, the rest of the
     browser suite last. ComfyUI keeps the outputs of the last prompt, and the editor queues the

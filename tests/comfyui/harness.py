@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -54,15 +55,8 @@ def find_comfyui() -> Path | None:
 
 
 def _pack():
-    """The pack under its fixed module name (loaded by path, as ComfyUI and conftest do)."""
-    if "hidream_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "hidream_pack", PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hidream_pack"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hidream_pack"]
+    """The pack under its fixed module name (``pack_loader.py``, as conftest and ComfyUI do)."""
+    return runpy.run_path(str(PACK_ROOT / "pack_loader.py"))["load_pack"]()
 
 
 def _engine(module: str):
@@ -214,10 +208,7 @@ class Server:
         raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
+        return tail(self.log_path, chars)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -282,16 +273,36 @@ class Client:
     def history(self, prompt_id: str) -> dict | None:
         return self.get_json(f"/history/{prompt_id}").get(prompt_id)
 
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
+    @property
+    def log_path(self) -> Path:
+        return self.base / "server.log"  # where Server writes it (and .ci/run's server)
+
+    def wait(self, prompt_id: str, timeout: float = 60.0) -> dict:
+        """The history entry of a finished prompt. Fails at once when ComfyUI's prompt worker
+        died (the server then still answers HTTP but runs nothing), else after ``timeout``
+        seconds, naming the prompt and where it stands in ``/queue``. Tiny runs take seconds;
+        a run that compiles passes a longer timeout."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             entry = self.history(prompt_id)
             if entry is not None and entry["status"].get("completed") is not None:
                 return entry
+            check_worker_alive(self.log_path)
             time.sleep(0.25)
-        raise TimeoutError(f"prompt {prompt_id} not finished in {timeout:.0f} s")
+        raise TimeoutError(
+            f"prompt {prompt_id} ({self.queue_position(prompt_id)}) not finished in {timeout:.0f} s\n"
+            f"{tail(self.log_path)}"
+        )
 
-    def run(self, graph: dict, timeout: float = 300.0) -> dict:
+    def queue_position(self, prompt_id: str) -> str:
+        queue = self.get_json("/queue")
+        if any(item[1] == prompt_id for item in queue.get("queue_running", [])):
+            return "running"
+        if any(item[1] == prompt_id for item in queue.get("queue_pending", [])):
+            return "queued"
+        return "not in /queue"
+
+    def run(self, graph: dict, timeout: float = 60.0) -> dict:
         """Queue a graph and wait; the history entry of a successful run, else PromptFailed."""
         status, answer = self.queue(graph)
         if status != 200:
@@ -326,6 +337,45 @@ class Client:
 
         host = self.url.split("://", 1)[1]
         return websocket.create_connection(f"ws://{host}/ws?clientId={self.client_id}", timeout=120)
+
+
+WORKER_DIED = "Exception in thread"  # what Python's threading prints when a thread raises
+
+
+def check_worker_alive(log_path: Path) -> None:
+    """Raise if ComfyUI's log shows a thread that died (its prompt worker: nothing runs after)."""
+    if not log_path.is_file():
+        return
+    text = log_path.read_text(errors="replace")
+    at = text.find(WORKER_DIED)
+    if at >= 0:
+        raise AssertionError(f"a ComfyUI thread died; no prompt runs after it:\n{text[at:at + 3000]}")
+
+
+def run_watched(cmd: list[str], log_path: Path, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a client of the server (an SDK, ``comfy run``) that fails as soon
+    as the server's prompt worker dies instead of waiting out ``timeout`` on a dead queue."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                out, err = proc.communicate(timeout=1.0)
+                return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                try:
+                    check_worker_alive(log_path)
+                    if time.time() > deadline:
+                        raise TimeoutError(f"{cmd[1:3]} did not finish in {timeout:.0f} s")
+                except BaseException:
+                    proc.kill()
+                    raise
+
+
+def tail(log_path: Path, chars: int = 3000) -> str:
+    try:
+        return log_path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
 
 
 def execution_error(entry: dict) -> str | None:

@@ -64,11 +64,14 @@ SHOWN = """([id, w, h]) => { const img = app.graph.getNodeById(id)?.imgs?.[0];
 
 
 def _known_noise(kind: str, text: str, url: str | None) -> bool:
-    """What every page start logs offline with ComfyUI 0.3.64 / frontend 1.27.10 (none of it ours):
-    a TypeError in the frontend's settings code, 404s for a new user's userdata, user.css and
-    favicon, and the release check to an outside host."""
+    """What every page start logs offline (none of it ours: the pack ships no JavaScript): with
+    ComfyUI 0.3.64 / frontend 1.27.10 a TypeError in the frontend's settings code, with 0.33.0 /
+    frontend 1.49.6 its settings store reading the graph before the app made it; on both, 404s
+    for a new user's userdata, user.css and favicon, and the release check to an outside host."""
     if kind == "pageerror":
         return "reading 'id'" in text
+    if text == "ComfyApp graph accessed before initialization":
+        return "/assets/settingStore-" in (url or "")
     from urllib.parse import urlparse
 
     local = urlparse(url or "").hostname in ("127.0.0.1", "localhost")
@@ -169,13 +172,20 @@ def _shrink_edits(twin: dict, shrunk: dict) -> list[list]:
     return edits
 
 
+def _run_button(page):
+    """The editor's Run button. Frontend 1.27 tags its split button's wrapper ``queue-button``;
+    1.49 tags the button itself and names a second one (the mode menu) "Run" too."""
+    tagged = page.get_by_test_id("queue-button")
+    return tagged if tagged.evaluate("e => e.tagName") == "BUTTON" else tagged.locator("button").first
+
+
 def _run(editor: Editor, name: str) -> dict:
     """Press Run; the body the editor POSTed and the server's answer (its ``_meta`` titles are
     for display only: the server ignores them)."""
     page = editor.page
     page.get_by_role("button", name="Fit View (.)").click()  # previews load only for nodes in view
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as rsp:
-        page.get_by_role("button", name="Run", exact=True).click()
+        _run_button(page).click()
     answer = rsp.value.json()
     assert rsp.value.ok and not answer.get("node_errors"), f"{name}: queue refused: {answer}"
     return {"sent": rsp.value.request.post_data_json, "answer": answer}

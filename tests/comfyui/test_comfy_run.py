@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
 
 import graphs
+import harness
 import pytest
 from harness import Client
 from PIL import Image
@@ -40,11 +40,10 @@ def test_comfy_run_runs_a_shipped_ui_workflow(comfy: Client, tmp_path, name):
     workflow = tmp_path / f"{name}.json"
     workflow.write_text(json.dumps(_shrunk_ui(graphs.WORKFLOWS / f"{name}.json", (176, 128), 2)))
     host = urllib.parse.urlparse(comfy.url)
-    done = subprocess.run(
+    done = harness.run_watched(
         [_comfy_cli(), "--skip-prompt", "run", "--workflow", str(workflow), "--wait", "--json"]
         + ["--host", host.hostname, "--port", str(host.port), "--timeout", "600"],
-        capture_output=True,
-        text=True,
+        comfy.log_path,
         timeout=900,
     )
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -18,7 +18,6 @@ import http.server
 import io
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -99,7 +98,11 @@ def api(comfy) -> ComfyServer:
 def post(server: ComfyServer, body, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     data = raw if raw is not None else json.dumps(body).encode()
-    reply = requests.post(server.api_url, data=data, headers=headers, timeout=300)
+    try:
+        reply = requests.post(server.api_url, data=data, headers=headers, timeout=60)
+    except requests.Timeout:
+        harness.check_worker_alive(server.base / "server.log")
+        raise
     return reply.status_code, reply.json()
 
 
@@ -494,18 +497,17 @@ def test_websocket_protocol(api):
 # ------------------------------------------------------------------ Runware's SDKs
 
 
-def _run_sdk(env_name: str, script: str, args: list[str]) -> dict[str, dict]:
+def _run_sdk(server: ComfyServer, env_name: str, script: str, args: list[str]) -> dict[str, dict]:
     folder = os.environ.get(env_name)
     if not folder or not Path(folder).is_dir():
         package = "runware==0.5.24" if env_name.endswith("OLD") else "runware-sdk==1.8.0"
         pytest.skip(f"set {env_name} to a folder made with: pip install --target DIR {package}")
     env = {**os.environ, "PYTHONPATH": folder}
-    done = subprocess.run(
+    done = harness.run_watched(
         [sys.executable, str(HERE / "runware_clients" / script), *args],
+        server.base / "server.log",
+        timeout=240,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
         cwd=str(HERE),
     )
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"scenario"')]
@@ -515,7 +517,7 @@ def _run_sdk(env_name: str, script: str, args: list[str]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def old_sdk(api) -> dict[str, dict]:
-    return _run_sdk("RUNWARE_SDK_OLD", "old_sdk_client.py", [api.api_url.replace("http://", "ws://"), KEY])
+    return _run_sdk(api, "RUNWARE_SDK_OLD", "old_sdk_client.py", [api.api_url.replace("http://", "ws://"), KEY])
 
 
 @pytest.fixture(scope="module")
@@ -527,6 +529,7 @@ def new_sdk(api) -> dict[str, dict]:
     try:
         hook = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
         out = _run_sdk(
+            api,
             "RUNWARE_SDK_NEW",
             "new_sdk_client.py",
             [api.api_url.replace("http://", "ws://"), api.api_url, KEY, hook],
