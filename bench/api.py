@@ -16,6 +16,10 @@ same; each pair must give the same pixels (checked). A wall is the minimum over 
 noisy; the totals are printed too). The last line is the README's figure:
 
     api_overhead=<(api wall - in-process wall) / in-process wall>
+
+``--smoke``: 1 task pair at 128x128, 1 step (the server is still started, or ``--url``'s used).
+CI runs it so the benchmark cannot silently stop working; its numbers are not figures.
+Needs ComfyUI: COMFYUI_PATH, else <repo>/.comfyui/ComfyUI (unless ``--url``).
 """
 
 from __future__ import annotations
@@ -147,9 +151,17 @@ def main() -> int:
     )
     parser.add_argument("--url", default=None, help="a running ComfyUI with the pack (needs --base)")
     parser.add_argument("--base", default=None, help="that ComfyUI's --base-directory (user/, models/)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 task pair at 128x128, 1 step: CI runs it so the benchmark cannot silently stop "
+        "working; its numbers are not figures",
+    )
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.steps = 8, 8  # 4 pairs were too few: single runs swing by 10% here
+    if args.smoke:
+        args.tasks, args.size, args.steps = 1, 128, 1
     setup_threads(1)
     load_pack()
     from hidream_pack.hidream.model import paths

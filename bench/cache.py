@@ -23,6 +23,10 @@ cached steps (= our max consecutive) and our refresh interval set beyond the ste
 line is the figure the README quotes:
 
     efficiency=<min over methods> vs_cachedit=<our wall / cache-dit wall> same_steps=<yes|no>
+
+``--smoke``: 128x128 and 192x128 (cache-dit: 128x128), 3 steps, each method at its API default
+only, 1 repeat (2 vs cache-dit: one each order). CI runs it so the benchmark cannot silently
+stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from _common import bench_transformer, load_pack, model_handle, random_condition
 
 STEPS = 30
 SIZES = ((256, 256), (384, 256))
+CD_SIZE = 256  # the cache-dit comparison's (square) size
 # method -> (API default, two more); the first is always Runware's default.
 THRESHOLDS = {"FB": (0.25, 0.45, 0.6), "Tea": (0.5, 0.8, 1.0), "DB": (0.25, 0.45, 0.6)}
 TEA_COEFFICIENTS = (1.0, 0.0)
@@ -55,14 +60,15 @@ def make_config(method: str, threshold: float):
 
 def cachedit_equivalent():
     """Our DBCache options meaning exactly cache-dit's: warm-up W = window start W."""
-    from hidream_pack.hidream.cache.config import MAX_REFRESH_INTERVAL, CacheWindow, DBCacheConfig
+    from hidream_pack.hidream.cache.config import CacheWindow, DBCacheConfig
+    from hidream_pack.hidream.limits import CACHE_REFRESH_INTERVAL
 
     window = CacheWindow(start_step=CD["warmup"], max_consecutive=CD["max_continuous"])
     return DBCacheConfig(
         threshold=CD["threshold"],
         front_blocks=CD["fn"],
         back_blocks=CD["bn"],
-        refresh_interval=MAX_REFRESH_INTERVAL,  # never forces a step within 30 steps
+        refresh_interval=int(CACHE_REFRESH_INTERVAL.hi),  # never forces a step within 30 steps
         window=window,
     )
 
@@ -189,7 +195,7 @@ def versus_cachedit(run: Runner, transformer, cond, num_blocks: int, repeats: in
     import cache_dit
     from sampler_vs_diffusers import diffusers_pipeline, run_diffusers
 
-    width = height = 256
+    width = height = CD_SIZE
     plain = diffusers_pipeline(transformer)
     t_plain = timed(lambda: run_diffusers(plain, cond, width, height, STEPS, 0))[1]
     pipe = cachedit_pipeline(transformer)
@@ -214,7 +220,7 @@ def versus_cachedit(run: Runner, transformer, cond, num_blocks: int, repeats: in
     t_ours, t_theirs = min(walls["ours"]), min(walls["cache-dit"])
     same = our_steps == cd_steps
     print(
-        f"\n256x256 DBCache Fn={CD['fn']} Bn={CD['bn']} threshold={CD['threshold']} warm-up={CD['warmup']} "
+        f"\n{width}x{height} DBCache Fn={CD['fn']} Bn={CD['bn']} threshold={CD['threshold']} warm-up={CD['warmup']} "
         f"max continuous={CD['max_continuous']} (ours: window start {CD['warmup']}, refresh never)"
     )
     for name in cd_steps:
@@ -239,9 +245,19 @@ def main() -> None:
         help="2 interleaved repeats instead of 3 (3 instead of 4 vs cache-dit)",
     )
     parser.add_argument("--steps", type=int, default=30, help="for smoke runs only; the figures use 30")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="smallest sizes, 3 steps, API defaults only, 1 repeat: CI runs it so the benchmark "
+        "cannot silently stop working; its numbers are not figures",
+    )
     args = parser.parse_args()
-    global STEPS
+    global STEPS, SIZES, CD_SIZE
     STEPS = args.steps
+    if args.smoke:
+        STEPS, SIZES, CD_SIZE = 3, ((128, 128), (192, 128)), 128  # 3: cache-dit warms up 2
+        for method, thresholds in THRESHOLDS.items():
+            THRESHOLDS[method] = thresholds[:1]
     setup_threads(1)
     load_pack()
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is imported
@@ -249,7 +265,7 @@ def main() -> None:
     cond = random_conditioning()
     run = Runner(model_handle(transformer), cond)
     num_blocks = len(transformer.double_stream_blocks) + len(transformer.single_stream_blocks)
-    repeats = 2 if args.quick else 3
+    repeats = 1 if args.smoke else 2 if args.quick else 3
     rows = []
     for width, height in SIZES:
         rows += bench_size(run, num_blocks, width, height, repeats)

@@ -9,10 +9,16 @@ Without CUDA the compiled kernels cannot run: the script says so, times the torc
 at the full size on the CPU, and runs the same table through triton's interpreter at a small
 size (a correctness tool, far slower than anything real; its figures are not a claim).
 
-    python bench/kernels.py [--peak-gbps 3350] [--rows 4096 --cols 2560] [--dtype bf16]
+    python bench/cache_kernels.py [--peak-gbps 3350] [--rows 4096 --cols 2560] [--dtype bf16]
 
 Last line on CUDA (the README's figures):
     card=<name> l1_speedup=<x> l1_pct_peak=<%> residual_l1_speedup=<x> residual_l1_pct_peak=<%>
+Last line on the CPU (not performance figures; ``skipped`` without the interpreter):
+    cpu_l1_ms=<torch, full size> cpu_residual_l1_ms=<torch, full size>
+    interp_l1_ratio=<interpreter / torch time> interp_residual_l1_ratio=<interpreter / torch time>
+
+``--smoke``: 64x64, 1 repeat (CUDA: the same do_bench timing). CI runs it so the benchmark
+cannot silently stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
@@ -120,14 +126,24 @@ def run_cpu(kernels, args, dtype: torch.dtype) -> None:
     numel = args.rows * args.cols
     print(f"\nCPU, {args.threads} thread(s): {args.rows}x{args.cols} {args.dtype}, torch reference")
     cases = make_cases(kernels, args.rows, args.cols, dtype, "cpu")
-    run_table(cases, ("torch",), numel, dtype.itemsize, cpu_timer(args.repeats), None)
+    res = run_table(cases, ("torch",), numel, dtype.itemsize, cpu_timer(args.repeats), None)
+    ratios = {"l1_sums": "skipped", "residual_and_l1": "skipped"}
     if not kernels.interpreter_enabled():
         print("\nTRITON_INTERPRET is off in this process: interpreter table skipped.")
-        return
-    cols = max(1, args.interp_numel // args.rows)
-    print(f"\nTriton interpreter vs torch on the CPU: {args.rows}x{cols} {args.dtype}")
-    cases = make_cases(kernels, args.rows, cols, dtype, "cpu")
-    run_table(cases, ("torch", "triton"), args.rows * cols, dtype.itemsize, cpu_timer(2), None)
+    else:
+        cols = max(1, args.interp_numel // args.rows)
+        print(f"\nTriton interpreter vs torch on the CPU: {args.rows}x{cols} {args.dtype}")
+        cases = make_cases(kernels, args.rows, cols, dtype, "cpu")
+        interp = run_table(
+            cases, ("torch", "triton"), args.rows * cols, dtype.itemsize, cpu_timer(args.interp_repeats), None
+        )
+        for name in ratios:
+            ratios[name] = f"{interp[(name, 'triton')][0] / interp[(name, 'torch')][0]:.1f}"
+    print(
+        f"cpu_l1_ms={res[('l1_sums', 'torch')][0] * 1e3:.3f} "
+        f"cpu_residual_l1_ms={res[('residual_and_l1', 'torch')][0] * 1e3:.3f} "
+        f"interp_l1_ratio={ratios['l1_sums']} interp_residual_l1_ratio={ratios['residual_and_l1']}"
+    )
 
 
 def main() -> None:
@@ -139,8 +155,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the CPU run")
     parser.add_argument("--repeats", type=int, default=3, help="CPU repeats (minimum is kept)")
     parser.add_argument("--interp-numel", type=int, default=65536, help="elements for the interpreter run")
+    parser.add_argument("--interp-repeats", type=int, default=2, help="interpreter table repeats")
     parser.add_argument("--no-interpret", action="store_true", help="CPU run: skip the interpreter table")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="64x64, 1 repeat: CI runs it so the benchmark cannot silently stop working; "
+        "its numbers are not figures",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.cols, args.repeats, args.interp_numel, args.interp_repeats = 64, 64, 1, 4096, 1
 
     has_cuda = torch.cuda.is_available()
     if not has_cuda and not args.no_interpret:

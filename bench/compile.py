@@ -18,6 +18,9 @@ the CPU compiles with inductor's C++ backend). Three figures:
   with diffusers' MoE is timed beside them (what ``moe="auto"`` replaced in eager runs).
 
 Last line: ``host_syncs=<n> moe_ratio=<x> compiled_ratio=<y>``.
+
+``--smoke``: 128x128, 1 step, 1 repeat (the compile still happens). CI runs it so the
+benchmark cannot silently stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
@@ -190,7 +193,16 @@ def main() -> None:
         help="3 interleaved sampling repeats instead of 5 (7 MoE repeats instead of 11)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="128x128, 1 step, 1 repeat: CI runs it so the benchmark cannot silently stop working; "
+        "its numbers are not figures",
+    )
     args = parser.parse_args()
+    global SIZE, STEPS
+    if args.smoke:
+        SIZE, STEPS = 128, 1
     setup_threads(1)
     load_pack()
     import torch
@@ -205,7 +217,7 @@ def main() -> None:
     )
 
     pairs = moe_inputs(transformer, cond, args.device)
-    moe_times = time_moe(pairs, 7 if args.quick else 11, sync)
+    moe_times = time_moe(pairs, 1 if args.smoke else 7 if args.quick else 11, sync)
     flops = {
         kind: sum(moe_flops(m, x.numel() // x.shape[-1], kind != "diffusers") for m, x in pairs)
         for kind in ("diffusers", "dense")
@@ -222,7 +234,8 @@ def main() -> None:
     )
     moe_ratio = moe_times["grouped"] / base
 
-    best, warm = time_sampling(transformer, cond, args.device, 3 if args.quick else 5, sync)
+    repeats = 1 if args.smoke else 3 if args.quick else 5
+    best, warm = time_sampling(transformer, cond, args.device, repeats, sync)
     print(
         f"sampling {SIZE}x{SIZE}, {STEPS} steps, CFG {CFG}: eager {best['eager']:.3f} s, compiled "
         f"{best['compiled']:.3f} s, eager with diffusers' MoE {best['eager_diffusers_moe']:.3f} s "

@@ -19,6 +19,9 @@ All four produce the same latents (checked, max |diff| printed). Timings are the
 interleaved repeats after one warm-up run each. The last line is the figure the README quotes:
 
     switch_overhead=<(ours - merged)/merged wall> steps_high=<n> steps_low=<n>
+
+``--smoke``: 128x128, 2 steps (one per stage), 1 timed repeat. CI runs it so the benchmark
+cannot silently stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
@@ -75,12 +78,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed repeats instead of 5")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="128x128, 2 steps, 1 timed repeat: CI runs it so the benchmark cannot silently stop "
+        "working; its numbers are not figures",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.steps = 128, 2
     setup_threads(1)
     load_pack()
-    from hidream_pack.hidream import lora_spec  # type: ignore[import-not-found]
     from hidream_pack.hidream.lora import apply as lora_apply
     from hidream_pack.hidream.lora import session as lora
+    from hidream_pack.hidream.lora import spec as lora_spec  # type: ignore[import-not-found]
     from hidream_pack.hidream.model import devices
     from hidream_pack.hidream.sampling.loop import SampleSettings, sample_latents  # type: ignore[import-not-found]
     from hidream_pack.hidream.sampling.schedulers import SchedulerSpec  # type: ignore[import-not-found]
@@ -182,7 +193,7 @@ def main() -> None:
     best = dict.fromkeys(variants, float("inf"))
     cpu = dict.fromkeys(variants, float("inf"))  # CPU time: a cross-check that other load cannot inflate
     order = list(variants.items())
-    for repeat in range(3 if args.quick else 5):
+    for repeat in range(1 if args.smoke else 3 if args.quick else 5):
         # interleaved, so machine noise hits all alike; the order flips each repeat (no position bias)
         for key, fn in order if repeat % 2 else order[::-1]:
             start, start_cpu = time.perf_counter(), time.process_time()

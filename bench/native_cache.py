@@ -24,6 +24,9 @@ a skipped and of a computed call for each.
 Needs ComfyUI: COMFYUI_PATH, else <repo>/.comfyui/ComfyUI. Last line:
 
     native_efficiency=<x> vs_easycache=<y>
+
+``--smoke``: 3 steps at 128x128, 16 + 16 text tokens, 1 repeat, 1 pair run, 1 EasyCache probe.
+CI runs it so the benchmark cannot silently stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from _common import BENCH_CONFIG, ROOT, TEXT_TOKENS, load_pack, setup_threads
 TEA_COEFFICIENTS = (0.5, 0.0)
 QUICK = (8, 128, 64)  # steps, size, text tokens per stream
 FULL = (30, 256, TEXT_TOKENS)
+SMOKE = (3, 128, 16)  # 3 steps: the calibration needs a step with a distance after the first
 PAIR_REPEATS = 10  # extra alternating TeaCache / EasyCache runs each, for vs_easycache
 SIZE = 256
 TOKENS = TEXT_TOKENS
@@ -346,9 +350,17 @@ def main() -> None:
         metavar="N",
         help="only time one forward, ComfyUI's against the pack's runner, N interleaved repeats",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE[0]} steps at {SMOKE[1]}px, {SMOKE[2]} text tokens, 1 repeat: CI runs it so the "
+        "benchmark cannot silently stop working; its numbers are not figures",
+    )
     args = parser.parse_args()
-    global SIZE, TOKENS
+    global SIZE, TOKENS, PAIR_REPEATS
     steps, SIZE, TOKENS, repeats = (*QUICK, 5) if args.quick else (*FULL, 3)
+    if args.smoke:
+        (steps, SIZE, TOKENS), repeats, PAIR_REPEATS = SMOKE, 1, 1
     setup_threads(1)
     load_pack()
     comfy = import_comfy()
@@ -377,7 +389,7 @@ def main() -> None:
         print(f"  EasyCache probe threshold {t:.4f}: skipped {handler.skipped}", file=sys.stderr, flush=True)
         return handler.skipped
 
-    ec_threshold, ec_skipped = bisect(ec_probe, 0.0, 1.0, tea_skipped, 4)
+    ec_threshold, ec_skipped = bisect(ec_probe, 0.0, 1.0, tea_skipped, 1 if args.smoke else 4)
 
     models = {"none": bench.patcher, "EasyCache": easycache_model(bench.patcher, ec_threshold)}
     models.update({m: our_model(bench.patcher, m, thresholds[m]) for m in ("FB", "DB", "Tea")})

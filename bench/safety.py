@@ -10,6 +10,9 @@ onnxruntime uses its default thread count (all cores). Figures are the median an
 ``--repeats`` runs after one warm-up. The last line is the figure the README quotes:
 
     check_ms_per_1024_image=<median of check over both images>
+
+``--smoke``: 1 repeat (the detector still sees 1024x1024 images: the figure's name carries the
+size). CI runs it so the benchmark cannot silently stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 repeat: CI runs it so the benchmark cannot silently stop working; its numbers are not figures",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
 
     import torch
 

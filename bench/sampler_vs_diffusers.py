@@ -7,13 +7,24 @@ exact size asked for) and pads non-square latents to 4096 tokens; ours runs the 
 token count. The last line is the figure the README quotes:
 
     square_ratio=<ours/diffusers at 256x256> nonsquare_ratio=<ours/diffusers at 384x256>
+
+``--smoke``: 128x128 and 192x128, 1 step, 1 repeat, padding to 256 tokens (``SMOKE_CONFIG``).
+CI runs it so the benchmark cannot silently stop working; its numbers are not figures.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from _common import bench_transformer, load_pack, min_time, model_handle, random_conditioning, setup_threads
+from _common import (
+    SMOKE_CONFIG,
+    bench_transformer,
+    load_pack,
+    min_time,
+    model_handle,
+    random_conditioning,
+    setup_threads,
+)
 
 
 def diffusers_pipeline(transformer):
@@ -70,16 +81,27 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="3 repeats (1 for the padded size) instead of 5")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="128x128 and 192x128, 1 step, 1 repeat: CI runs it so the benchmark cannot silently "
+        "stop working; its numbers are not figures",
+    )
     args = parser.parse_args()
+    square_size, nonsquare_size = ((128, 128), (192, 128)) if args.smoke else ((256, 256), (384, 256))
+    if args.smoke:
+        args.steps = 1
     setup_threads(1)
     load_pack()
-    transformer = bench_transformer()
+    transformer = bench_transformer(**(SMOKE_CONFIG if args.smoke else {}))
     model = model_handle(transformer)
     cond = random_conditioning()
-    repeats = 3 if args.quick else 5
-    square = compare(model, transformer, cond, 256, 256, args.steps, repeats)
+    repeats = 1 if args.smoke else 3 if args.quick else 5
+    square = compare(model, transformer, cond, *square_size, args.steps, repeats)
     # diffusers pads 384x256 to 4096 tokens (16x the work): fewer repeats keep the run short.
-    nonsquare = compare(model, transformer, cond, 384, 256, args.steps, 1 if args.quick else 2)
+    nonsquare = compare(
+        model, transformer, cond, *nonsquare_size, args.steps, 1 if args.quick or args.smoke else 2
+    )
     print(f"square_ratio={square:.3f} nonsquare_ratio={nonsquare:.3f}")
 
 
