@@ -331,7 +331,9 @@ def _write_model_index(folder: Path, scheduler_cls: str) -> None:
         "text_encoder_4": ["transformers", "LlamaForCausalLM"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", "T5Tokenizer"],
+        # only tokenizer.json is written: transformers 4's T5Tokenizer would need spiece.model
+        # (and protobuf); its T5TokenizerFast reads tokenizer.json, and in 5 both are one class
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
         "tokenizer_4": ["transformers", "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "HiDreamImageTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],

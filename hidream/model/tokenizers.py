@@ -83,7 +83,11 @@ def llama_tokenizer():
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     backend = TikTokenConverter(
-        vocab_file=str(llama_tokenizer_model_path()), pattern=LLAMA_PATTERN
+        vocab_file=str(llama_tokenizer_model_path()),
+        pattern=LLAMA_PATTERN,
+        # transformers 4.x iterates this list (None fails); 5.x takes it as an unused keyword.
+        # The special tokens are added below, with the ids Llama 3 gives them.
+        additional_special_tokens=[],
     ).converted()
     base = backend.get_vocab_size()
     backend.add_special_tokens(
