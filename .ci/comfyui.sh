@@ -11,6 +11,7 @@
 # A contributor's own ComfyUI is not installed here: .ci/run uses COMFYUI_PATH as it is.
 set -euo pipefail
 PY=${1:?usage: comfyui.sh PYTHON DEST VERSION}
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute (install.sh runs it from DEST), links kept
 DEST=${2:?usage: comfyui.sh PYTHON DEST VERSION}
 VERSION=${3:?usage: comfyui.sh PYTHON DEST VERSION}
 HERE=$(cd "$(dirname "$0")" && pwd)
