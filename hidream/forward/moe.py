@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from ..limits.check import describe_choices, problem
 
 MOE_MODES = ("grouped", "dense", "gather")
-FALLBACKS = ("dense", "diffusers")
+EAGER_OFF_CPU = "diffusers-on-cpu"  # the engine's eager fallback: diffusers' MoE on the CPU too
+FALLBACKS = ("dense", "diffusers", EAGER_OFF_CPU)
 _PROJECTIONS = ("w1", "w3", "w2")
 _OPERANDS = "_hidream_expert_operands"  # set on a MoE layer by ``StaticMoE.active`` for one block
 
@@ -381,6 +382,17 @@ def _grouped_or_diffusers(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     return grouped_forward(moe, x, fallback=diffusers_forward)
 
 
+def _grouped_off_cpu(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The engine's eager layout: grouped where a host read costs a device sync, diffusers' own
+    MoE on the CPU. There a host read is free, and diffusers' per-expert matmuls on the
+    experts' own weights beat ``grouped_mm``'s CPU kernel (a loop over the groups writing one
+    large output): 1.07-1.14x per MoE call at the benchmark model's token counts, 7% of a
+    cached sampling run (``bench/cache.py``'s vs_cachedit)."""
+    if x.device.type == "cpu":
+        return diffusers_forward(moe, x)
+    return grouped_forward(moe, x, fallback=diffusers_forward)
+
+
 _FORWARDS = {"grouped": grouped_forward, "dense": dense_forward, "gather": gather_forward}
 
 
@@ -392,6 +404,8 @@ def _layout(mode: str, fallback: str) -> Callable[[torch.nn.Module, torch.Tensor
         raise ValueError(f"MoE fallback: {fallback!r}; allowed: {', '.join(FALLBACKS)}")
     if mode == "grouped" and fallback == "diffusers":
         return _grouped_or_diffusers
+    if mode == "grouped" and fallback == EAGER_OFF_CPU:
+        return _grouped_off_cpu
     return _FORWARDS[check_mode(mode)]
 
 

@@ -21,13 +21,13 @@ one flat index of double-then-single blocks -> ``finish``. A cache policy receiv
 runner and the prepared context and decides which block ranges to run.
 
 MoE layers run in the static, sync-free ``grouped`` layout (``hidream.forward.moe``: grouped GEMMs
-over the routed tokens, diffusers' FLOPs, 0.96x its MoE wall time on the CPU benchmark), so at
-a fixed size the whole forward makes no host sync (``hidream.forward.syncs`` counts them; tested) and a
+over the routed tokens, diffusers' FLOPs), so at a fixed size the whole forward makes no host sync (``hidream.forward.syncs`` counts them; tested) and a
 cache decision reads one scalar. With ``compile="blocks"`` every block runs through one
 regionally compiled callable per block class (``hidream.forward.compile``). Where grouped_mm would
 sync (CUDA other than bf16 on compute capability 9.x/10.x) or cannot compute the experts
 exactly (LoRA wrappers), compiled blocks use the ``dense`` layout (1.75x the expert FLOPs, no
-sync) and eager runs diffusers' own MoE.
+sync) and eager runs diffusers' own MoE. Eager runs on the CPU take diffusers' MoE too: there a
+host read is free and its per-expert matmuls beat ``grouped_mm``'s CPU kernel.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .compile import BlockCaller
-from .moe import StaticMoE
+from .moe import EAGER_OFF_CPU, StaticMoE
 
 
 @dataclass
@@ -156,7 +156,8 @@ class TransformerRunner(BlockRunner):
             undone after each block call).
         moe: ``auto`` (default: ``grouped``; where grouped_mm would sync or cannot run, e.g.
             LoRA wrappers on the experts, ``dense`` with ``compile="blocks"``, else diffusers'
-            own MoE), ``grouped``, ``dense`` or ``gather`` (the static layouts of
+            own MoE, which eager runs also take on the CPU, where a host read costs nothing and
+            its per-expert matmuls are faster), ``grouped``, ``dense`` or ``gather`` (the static layouts of
             ``hidream.forward.moe``; ``grouped`` falls back to ``dense``), or None for diffusers' own
             MoE (one host sync per MoE layer).
         compile: ``off`` or ``blocks`` (regional compile, ``hidream.forward.compile``).
@@ -167,8 +168,8 @@ class TransformerRunner(BlockRunner):
         self.transformer = transformer
         self.config = transformer.config
         fallback = "dense"
-        if moe == "auto":  # eager: where grouped would sync, diffusers' MoE (fewer FLOPs than dense)
-            moe, fallback = "grouped", ("dense" if compile == "blocks" else "diffusers")
+        if moe == "auto":  # eager: diffusers' MoE where grouped would sync and on the CPU
+            moe, fallback = "grouped", ("dense" if compile == "blocks" else EAGER_OFF_CPU)
         self._moe = StaticMoE(self._blocks, moe, fallback) if moe is not None else None
 
     def prepare(
