@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import PACK_ROOT
+PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _inside_pack(origin: str | None) -> bool:

@@ -6,9 +6,11 @@ requirements.txt with every ``>=`` turned into ``==`` and runs the engine's test
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import tomllib
-from conftest import PACK_ROOT
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _normal(line: str) -> str:
