@@ -6,13 +6,13 @@ step, and passes ``policy()`` to the runner, which hands the policy its block-ra
 points (``TransformerRunner.run_blocks``). Tensor work (distances, residuals, residual
 adds) goes through ``kernels`` (Triton on CUDA, torch on the CPU).
 
-Decision rules, shared by all methods (see ``cache_config`` for the options):
+Decision rules, shared by all methods (see ``hidream.cache.config`` for the options):
 - step 0 always computes; so does a step whose LoRA set changed (``force_compute``);
 - reuse only inside the window ``[start, end)`` and at most ``max_consecutive`` model calls
   in a row; a call on which TeaCache skipped the transformer counts as reused for the block
   cache too and a block-cache hit counts for TeaCache, so no chain of reused calls is ever
   longer than the larger of the two limits;
-- DBCache also forces a refresh every ``refresh_interval + 1`` steps (``cache_config``);
+- DBCache also forces a refresh every ``refresh_interval + 1`` steps (``hidream.cache.config``);
 - a cached residual is refreshed only on computed calls, and distances are measured
   against the residual of the last *computed* call (as cache-dit does).
 TeaCache decides first; when it computes, the block cache (FB or DB) may still reuse.
@@ -407,7 +407,7 @@ class CacheSession:
         """One log line: the headline, then ``step:decision@distance`` for every model call.
 
         e.g. ``FBCache: 17 of 30 steps reused, 1.9x fewer block calls | 0:compute
-        1:compute@rest=0.31 2:rest@rest=0.012 ...`` (decision = ``compute`` or the reused
+        1:compute@remaining=0.31 2:remaining@remaining=0.012 ...`` (decision = ``compute`` or the reused
         parts joined by ``+``; distances are TeaCache's accumulated value and each block
         context's relative L1).
         """

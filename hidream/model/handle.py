@@ -28,7 +28,7 @@ class HiDreamModel:
         offload: when True the weights live on the CPU and move to ``device`` only while
             sampling (for 24 GB cards).
         loras: LoRA specs (``hidream.lora.spec.LoraSpec``), applied in order.
-        caches: cache configs (``hidream.cache.policy`` configs), at most one block cache plus
+        caches: cache configs (``hidream.cache.config``), at most one block cache plus
             optionally TeaCache.
         source: where the weights came from, for logs and errors.
         compile: ``off`` or ``blocks`` (regional torch.compile of the blocks while sampling,
