@@ -76,7 +76,7 @@ BENCHES: dict[str, Bench] = {
         "sync-free MoE and regional compile on ComfyUI's own HiDream", ("--quick",),
         {"native_host_syncs": ("0", _is("0")), "native_compiled_ratio": ("≤ 1.0", _le(1.0))},
     ),
-    "api": Bench("Runware API over HTTP vs in-process", ("--quick",), {"api_overhead": ("≤ 0.10", _le(0.10))}),
+    "api": Bench("Runware API over HTTP vs in-process", ("--quick",), {"api_overhead": ("≤ 0.05", _le(0.05))}),
     "safety": Bench("content check per 1024x1024 image", (), {}),
     "cache_kernels": Bench("cache kernels, torch vs Triton (CUDA; CPU: reference timings)", (), {}),
 }
