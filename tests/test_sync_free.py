@@ -195,6 +195,21 @@ def test_packed_experts_are_views_of_one_tensor_with_the_same_values(monkeypatch
     assert not hasattr(layer, moe_mod._OPERANDS)  # nothing left on the layer after the block
 
 
+def test_experts_made_in_inference_mode_still_run_their_own_forward_once_packed():
+    """ComfyUI loads models inside inference mode: their packed experts stay inference tensors
+    (an inference parameter holding ordinary data fails in the layer's own forward, which is
+    the grouped layout's fallback), and the own forward equals the unpacked one."""
+    with torch.inference_mode():
+        layer = _moe(*MOE_SIZES["tiny"], seed=13)
+        x = torch.randn(1, 40, MOE_SIZES["tiny"][0], generator=torch.Generator().manual_seed(14))
+        want = moe_mod.diffusers_forward(layer, x)
+        assert moe_mod.pack_experts(layer) is not None
+        assert layer.experts[1].w1.weight.is_inference()
+        got = moe_mod.diffusers_forward(layer, x)
+        grouped = moe_mod.grouped_forward(layer, x)
+    assert torch.equal(got, want) and (grouped - want).abs().max().item() <= 1e-5
+
+
 def test_a_later_runner_reuses_the_packing_and_a_dead_layer_drops_it():
     """Each runner (one per sampling call) builds its own ``StaticMoE``: the layer's experts are
     packed by the first and read in place by the next, not copied again; the packing goes with

@@ -61,8 +61,7 @@ import torch.nn.functional as F
 from ..limits.check import describe_choices, problem
 
 MOE_MODES = ("grouped", "dense", "gather")
-EAGER_OFF_CPU = "diffusers-on-cpu"  # the engine's eager fallback: diffusers' MoE on the CPU too
-FALLBACKS = ("dense", "diffusers", EAGER_OFF_CPU)
+FALLBACKS = ("dense", "diffusers")
 _PROJECTIONS = ("w1", "w3", "w2")
 _OPERANDS = "_hidream_expert_operands"  # set on a MoE layer by ``StaticMoE.active`` for one block
 
@@ -285,14 +284,17 @@ def pack_experts(moe: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
     The values do not change, only where they live: each weight's ``.data`` becomes a slice of
     the stacked tensor (one copy, once), so a grouped GEMM reads all experts without copying
     them on every call (``_stacked``). Memory stays the same: the old storages are freed. The
-    stacked tensors are built outside inference mode, so the weights stay ordinary tensors that
-    merges may update in place. A weight replaced later (a LoRA patch, a move to another
+    stacked tensors are as the weights were: ordinary tensors stay ordinary (merges may update
+    them in place outside inference mode), and weights made in inference mode (ComfyUI loads
+    inside it) get an inference-mode stack, since an inference parameter holding ordinary data
+    fails in the layer's own forward. A weight replaced later (a LoRA patch, a move to another
     device) simply stops being a view: ``StaticMoE`` checks and packs again.
     """
     if not _packable(moe):
         return None
     stacked = []
-    with torch.inference_mode(False), torch.no_grad():
+    inference = moe.experts[0].w1.weight.is_inference()
+    with torch.inference_mode(inference), torch.no_grad():
         for name in _PROJECTIONS:
             layers = [getattr(e, name) for e in moe.experts]
             whole = torch.stack([la.weight.detach() for la in layers])
@@ -382,17 +384,6 @@ def _grouped_or_diffusers(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     return grouped_forward(moe, x, fallback=diffusers_forward)
 
 
-def _grouped_off_cpu(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The engine's eager layout: grouped where a host read costs a device sync, diffusers' own
-    MoE on the CPU. There a host read is free, and diffusers' per-expert matmuls on the
-    experts' own weights beat ``grouped_mm``'s CPU kernel (a loop over the groups writing one
-    large output): 1.07-1.14x per MoE call at the benchmark model's token counts, 7% of a
-    cached sampling run (``bench/cache.py``'s vs_cachedit)."""
-    if x.device.type == "cpu":
-        return diffusers_forward(moe, x)
-    return grouped_forward(moe, x, fallback=diffusers_forward)
-
-
 _FORWARDS = {"grouped": grouped_forward, "dense": dense_forward, "gather": gather_forward}
 
 
@@ -404,8 +395,6 @@ def _layout(mode: str, fallback: str) -> Callable[[torch.nn.Module, torch.Tensor
         raise ValueError(f"MoE fallback: {fallback!r}; allowed: {', '.join(FALLBACKS)}")
     if mode == "grouped" and fallback == "diffusers":
         return _grouped_or_diffusers
-    if mode == "grouped" and fallback == EAGER_OFF_CPU:
-        return _grouped_off_cpu
     return _FORWARDS[check_mode(mode)]
 
 
@@ -427,10 +416,20 @@ class StaticMoE:
     """
 
     def __init__(
-        self, modules: list[torch.nn.Module], mode: str = "grouped", fallback: str = "dense"
+        self,
+        modules: list[torch.nn.Module],
+        mode: str = "grouped",
+        fallback: str = "dense",
+        keep_on_cpu: bool = False,
     ) -> None:
         fn = _layout(mode, fallback)
         self._pack = mode == "grouped"
+        # ``keep_on_cpu``: layers whose weights are on the CPU keep their own forward, unpacked.
+        # There a host read costs nothing, and diffusers' per-expert matmuls on the experts'
+        # own weights beat grouped_mm's CPU kernel (a loop over the groups writing one large
+        # output): 1.07-1.14x per MoE call at the benchmark model's token counts, 7% of a
+        # cached sampling run (bench/cache.py's vs_cachedit).
+        self._keep_on_cpu = keep_on_cpu
         self._swaps: dict[int, list[tuple[torch.nn.Module, object]]] = {}
         for i, module in enumerate(modules):
             layers = [m for m in module.modules() if is_moe(m)]
@@ -443,6 +442,8 @@ class StaticMoE:
         try:
             for moe, forward in self._swaps.get(index, ()):
                 if "forward" in moe.__dict__:  # someone else's per-instance forward: leave it
+                    continue
+                if self._keep_on_cpu and moe.gate.weight.device.type == "cpu":
                     continue
                 moe.__dict__["forward"] = forward  # not parameters or modules: no nn.Module bookkeeping
                 installed.append(moe)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .compile import BlockCaller
-from .moe import EAGER_OFF_CPU, StaticMoE
+from .moe import StaticMoE
 
 
 @dataclass
@@ -167,10 +167,10 @@ class TransformerRunner(BlockRunner):
         super().__init__(transformer, compile)
         self.transformer = transformer
         self.config = transformer.config
-        fallback = "dense"
-        if moe == "auto":  # eager: diffusers' MoE where grouped would sync and on the CPU
-            moe, fallback = "grouped", ("dense" if compile == "blocks" else EAGER_OFF_CPU)
-        self._moe = StaticMoE(self._blocks, moe, fallback) if moe is not None else None
+        fallback, eager_auto = "dense", moe == "auto" and compile != "blocks"
+        if moe == "auto":  # eager: diffusers' MoE where grouped would sync, and on the CPU
+            moe, fallback = "grouped", ("diffusers" if eager_auto else "dense")
+        self._moe = StaticMoE(self._blocks, moe, fallback, keep_on_cpu=eager_auto) if moe is not None else None
 
     def prepare(
         self,
