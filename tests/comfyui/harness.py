@@ -260,6 +260,11 @@ class Client:
             raise urllib.error.URLError(f"GET {path}: HTTP {status}")
         return json.loads(body)
 
+    def comfyui_version(self) -> tuple[int, ...]:
+        """The server's ComfyUI release, from ``/system_stats``."""
+        number = self.get_json("/system_stats")["system"]["comfyui_version"]
+        return tuple(int(part) for part in number.split(".")[:3] if part.isdigit())
+
     def object_info(self) -> dict:
         if not hasattr(self, "_object_info"):
             self._object_info = self.get_json("/object_info")

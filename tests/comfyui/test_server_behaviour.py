@@ -43,7 +43,10 @@ def test_one_progress_event_per_sampler_step(comfy: Client):
     finally:
         ws.close()
     steps = [d["value"] for kind, d in events if kind == "progress" and d.get("node") == "6"]
-    assert steps == [1, 2, 3, 4], events
+    if comfy.comfyui_version() < (0, 33):
+        assert steps == [1, 2, 3, 4], events
+    else:  # 0.33 drops updates less than 100 ms apart; the first and the last always go out
+        assert steps[0] == 1 and steps[-1] == 4 and steps == sorted(set(steps)), events
     assert all(d["max"] == 4 for kind, d in events if kind == "progress" and d.get("node") == "6")
     assert comfy.wait(answer["prompt_id"])["status"]["status_str"] == "success"
 
