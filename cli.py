@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +78,51 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def check_output_dir(root: str | Path) -> Path:
-    """The folder images are saved in (``root/hidream``) exists or can be made, and takes files.
+    """The folder images will be saved in (``root/hidream``) can be made and takes files.
 
-    Checked before any model work: an unusable folder found after generation loses the image.
+    Checked before any model work (an unusable folder found after generation loses the image),
+    and without writing anything: a refused run leaves no trace. The folder is made when the
+    first image is saved.
     """
     from .hidream.runware.output import PACK_SUBFOLDER
 
-    folder = Path(root) / PACK_SUBFOLDER
-    probe = folder / ".write-test"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
+    folder = Path(root).expanduser().absolute() / PACK_SUBFOLDER
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
         raise ValueError(
-            f"--output-dir: {str(root)!r} cannot hold images ({exc.strerror or exc}: {exc.filename or folder}); "
-            "expected a writable folder"
-        ) from exc
+            f"--output-dir: {str(root)!r} cannot hold images ({problem}); expected a writable folder"
+        )
+    return folder
+
+
+def comfyui_models_dir() -> Path | None:
+    """``ComfyUI/models`` when this pack sits in ``ComfyUI/custom_nodes/``, else None."""
+    candidate = ROOT.parent.parent / "models"
+    return candidate if ROOT.parent.name == "custom_nodes" and candidate.is_dir() else None
+
+
+def check_models_dir(value: str | None) -> Path:
+    """The models folder to read, named in every error; refused before anything loads."""
+    if value is None:
+        found = comfyui_models_dir()
+        if found is None:
+            raise ValueError(
+                "--models-dir: not given, and this pack is not inside ComfyUI/custom_nodes (whose "
+                "models/ would be the default); expected a folder laid out like ComfyUI's models/ "
+                "(python . tiny-models DIR writes one)"
+            )
+        return found
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"--models-dir: {value!r} ({folder.resolve()}) is not a folder; expected a folder laid "
+            "out like ComfyUI's models/ (diffusion_models/, text_encoders/, vae/, loras/)"
+        )
     return folder
 
 
@@ -113,8 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     check_price(args.price_per_hour, "--price-per-hour")
     check_output_dir(args.output_dir)
-    if args.models_dir:
-        paths.set_models_dir(args.models_dir)
+    paths.set_models_dir(check_models_dir(args.models_dir))
     for task in tasks:
         check_task(task)  # LoRA names, detector, caches: before the models load
     models = find_models(dtype=getattr(args, "dtype", "bf16"))
@@ -211,31 +240,112 @@ def _run_prepared(prep: Any, models: Any, args: argparse.Namespace) -> bool:
     return _report_deliveries(published)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python .", description=__doc__)
+    fmt = _Help
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="also show weight-loading bars and library warnings"
+    )
+    parser = argparse.ArgumentParser(prog="python .", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("tiny-models", help="write tiny random-weight model files in ComfyUI's layout")
-    tiny.add_argument("dir", help="a folder laid out like ComfyUI's models/")
-    tiny.add_argument("--variant", default="full", choices=["full", "dev", "fast"])
+    tiny = sub.add_parser(
+        "tiny-models",
+        parents=[common],
+        formatter_class=fmt,
+        help="write tiny random-weight models (and two LoRAs) under the names the shipped workflows use",
+        description="Writes tiny random-weight HiDream-I1 files into DIR in ComfyUI's models/ layout, "
+        "under the file names the shipped workflows use, plus the two LoRA files of the LoRA workflow. "
+        "Point it at ComfyUI/models and the templates of the pack's own loaders run. Files that this "
+        "command did not write are never replaced.",
+    )
+    tiny.add_argument("dir", help="a folder laid out like ComfyUI's models/ (made if missing)")
+    tiny.add_argument("--variant", default="full", choices=["full", "dev", "fast"], help="HiDream-I1 variant")
     tiny.set_defaults(func=_tiny_models)
-    demo = sub.add_parser("demo", help="run the example workflow on tiny models (CPU, < 1 minute)")
-    demo.add_argument("--output-dir", required=True)
-    demo.add_argument("--models-dir", default=None, help="default: OUTPUT_DIR/tiny_models")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        formatter_class=fmt,
+        help="run the example workflow on tiny models (CPU, < 1 minute)",
+    )
+    demo.add_argument(
+        "--output-dir", required=True, help="where the PNG is written (never over an earlier one)"
+    )
+    demo.add_argument(
+        "--models-dir",
+        default=None,
+        help="tiny models to use, built there if missing (default: OUTPUT_DIR/tiny_models)",
+    )
     demo.set_defaults(func=_demo)
-    run = sub.add_parser("run", help="run Runware imageInference task JSON with the pack's engine")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        formatter_class=fmt,
+        help="run Runware imageInference task JSON with the pack's engine",
+    )
     run.add_argument("task", help="a task JSON file (one task or an array)")
-    run.add_argument("--models-dir", default=None)
-    run.add_argument("--output-dir", default="output")
-    run.add_argument("--price-per-hour", type=float, default=0.0, help="for includeCost; default 0")
-    run.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    run.add_argument(
+        "--models-dir",
+        default=None,
+        help="a folder laid out like ComfyUI's models/ (default: ComfyUI/models when this pack is in "
+        "ComfyUI/custom_nodes)",
+    )
+    run.add_argument(
+        "--output-dir",
+        default="output",
+        help="images go to OUTPUT_DIR/hidream/, made when the first is saved",
+    )
+    run.add_argument("--price-per-hour", type=float, default=0.0, help="machine price for includeCost")
+    run.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype of the three models"
+    )
     run.set_defaults(func=_run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+_LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "accelerate", "tokenizers")
+
+
+def configure_output(verbose: bool) -> None:
+    """The pack's own log at INFO; third-party chatter (weight-loading bars, tokenizer advice)
+    only with ``--verbose``: a user running a task wants its results, not library notices."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+
+
+def silence_library_bars() -> None:
+    """transformers' and diffusers' own progress bars, once they are imported (run, demo)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for module in (transformers_logging, diffusers_logging):
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_output(args.verbose)
     try:
+        if not args.verbose and args.command in ("run", "demo"):
+            silence_library_bars()
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ they use (``SaveImage``, ``PreviewImage``). Inside ComfyUI the real executor run
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,20 @@ class _SaveImageStandIn:
     def save(self, images, filename_prefix: str = "ComfyUI") -> dict:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         saved = []
+        counter = self._next_counter(filename_prefix)
         for i, image in enumerate(images):
             array = np.clip(image.cpu().numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            path = self.output_dir / f"{filename_prefix}_{i + 1:05d}_.png"
-            Image.fromarray(array).save(path)
+            path = self.output_dir / f"{filename_prefix}_{counter + i:05d}_.png"
+            with path.open("xb") as handle:  # never over an earlier image, even one made meanwhile
+                Image.fromarray(array).save(handle, format="PNG")
             saved.append(str(path))
         return {"ui": {"images": saved}, "result": ()}
+
+    def _next_counter(self, prefix: str) -> int:
+        """One past the highest ``<prefix>_NNNNN_.png`` already there, as ComfyUI's SaveImage counts."""
+        pattern = re.compile(re.escape(prefix) + r"_(\d{5,})_\.png")
+        taken = [int(m.group(1)) for p in self.output_dir.iterdir() if (m := pattern.fullmatch(p.name))]
+        return max(taken, default=0) + 1
 
 
 def _order(graph: dict[str, dict]) -> list[str]:

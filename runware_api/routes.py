@@ -32,6 +32,12 @@ PREFIX = "/runware/v1"
 WS_MAX_MESSAGE = 64 * 1024 * 1024  # task arrays may carry reference images in base64
 _IMAGE_RE = re.compile(r"^HiDream_[0-9a-f-]{36}\.(jpg|png|webp)$")
 _MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+# The job prompt's one node id: the editor numbers a graph's nodes 1, 2, ... and lights up the
+# node whose id an ``executing`` event names, so an id no user graph has.
+JOB_NODE = "runware-api-job"
+# ComfyUI sends a prompt's events (executing, progress, previews) to its client_id and to every
+# open editor when it has none; a client id no socket has keeps the API's jobs out of them.
+EVENTS_CLIENT_ID = "runware-api"
 
 
 class ComfyQueue:
@@ -44,14 +50,14 @@ class ComfyQueue:
         import execution  # type: ignore[import-not-found]  # ComfyUI's own module
 
         prompt_id = str(uuid.uuid4())
-        prompt = {"1": {"class_type": service.NODE_ID, "inputs": {"job_id": job.task_uuid}}}
+        prompt = {JOB_NODE: {"class_type": service.NODE_ID, "inputs": {"job_id": job.task_uuid}}}
         valid = await execution.validate_prompt(prompt_id, prompt, None)
         if not valid[0]:
             raise RuntimeError(f"ComfyUI refused the job prompt: {valid[1]}")
         number = self.server.number
         self.server.number += 1
         job.prompt_id = prompt_id
-        extra = {"runware_task_uuid": job.task_uuid}
+        extra = {"runware_task_uuid": job.task_uuid, "client_id": EVENTS_CLIENT_ID}
         self.server.prompt_queue.put(queue_item(execution, number, prompt_id, prompt, extra, valid[2]))
 
     def state(self, prompt_id: str) -> tuple[str, list]:
@@ -82,7 +88,9 @@ class ComfyQueue:
             job.fail(wire.CODE_INFERENCE, "The task's prompt ended in ComfyUI without results.")
 
 
-def queue_item(execution: Any, number: int, prompt_id: str, prompt: dict, extra: dict, outputs: list) -> tuple:
+def queue_item(
+    execution: Any, number: int, prompt_id: str, prompt: dict, extra: dict, outputs: list
+) -> tuple:
     """A prompt-queue entry in the shape this ComfyUI's own ``POST /prompt`` builds.
 
     Releases that keep sign-in tokens out of ``/queue`` and history (``execution.

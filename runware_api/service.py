@@ -118,10 +118,18 @@ def _cleanup_files() -> None:
         log.warning("Runware API: ttl cleanup failed: %s", exc)
 
 
-def _same_task(a: dict, b: dict) -> bool:
-    """A re-sent task (SDK retry or reconnect) is the same JSON apart from deliveryMethod."""
-    strip = lambda d: {k: v for k, v in d.items() if k != "deliveryMethod"}  # noqa: E731
-    return strip(a) == strip(b)
+def same_task(stored: Task, again: Task) -> bool:
+    """A re-sent task (SDK retry or reconnect) asks for the same work once defaults are filled in.
+
+    Compared after parsing, not as raw JSON: an SDK writes out defaults (``numberResults: 1``,
+    ``deliveryMethod``) or the old SDK's spellings that the first sender left out. A re-send
+    may switch deliveryMethod (a reconnecting client polls instead) and may leave out a seed
+    that was drawn for the first one.
+    """
+    import dataclasses
+
+    seed = stored.seed if again.seed_was_random else again.seed
+    return dataclasses.replace(again, delivery_method=stored.delivery_method, seed=seed) == stored
 
 
 class Session:
@@ -234,7 +242,7 @@ class Session:
             await emit({"errors": exc.errors})
             return
         job, created = jobs.STORE.add(jobs.new_job(task, raw, self.base_url))
-        if not created and not _same_task(job.raw, raw):
+        if not created and not same_task(job.task, task):
             message = f"taskUUID: {task.task_uuid} is already used by a different task; use a new UUID"
             err = wire.error(
                 wire.CODE_CONFLICT,

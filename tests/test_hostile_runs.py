@@ -213,6 +213,7 @@ def _no_models(*args, **kwargs):
 
 
 def _run(path: Path, tmp_path: Path, *extra: str) -> int:
+    (tmp_path / "models").mkdir(exist_ok=True)  # find_models is stubbed; the CLI still wants the folder
     argv = ["run", str(path), "--output-dir", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models")]
     return cli.main([*argv, *extra])
 
@@ -326,7 +327,7 @@ def test_bom_is_accepted(tmp_path):
         ("price_nan", r"^error: --price-per-hour: got nan; allowed: a finite number >= 0$"),
         ("price_inf", r"^error: --price-per-hour: got inf; allowed: a finite number >= 0$"),
         ("price_negative", r"^error: --price-per-hour: got -5\.0; allowed: a finite number >= 0$"),
-        ("output_under_file", r"^error: --output-dir: '.*/file/out' cannot hold images \(Not a directory"),
+        ("output_under_file", r"^error: --output-dir: '.*/file/out' cannot hold images \(/.*/file is not a folder\)"),
         ("task_is_folder", r"^task validation failed .*\n  task file '.*/folder\.json': is a folder"),
         ("missing_lora", r"^error: lora\[0\]\.model: file 'missing\.safetensors' not found in loras/"),
         (

@@ -203,9 +203,9 @@ def test_share_cache(tiny_paths):
 
 def test_list_and_resolve(models_dir):
     assert paths.list_models("diffusion_models") == [
-        "hidream_i1_full_tiny_bf16.safetensors",
-        "hidream_i1_full_tiny_fp16.safetensors",
-        "hidream_i1_full_tiny_fp8.safetensors",
+        "hidream_i1_full_bf16.safetensors",
+        "hidream_i1_full_fp16.safetensors",
+        "hidream_i1_full_fp8.safetensors",
     ]
     assert paths.list_models("text_encoders") == [
         "clip_g_hidream.safetensors",
@@ -214,10 +214,10 @@ def test_list_and_resolve(models_dir):
         "t5xxl_fp8_e4m3fn_scaled.safetensors",
     ]
     assert paths.list_models("vae") == ["ae.safetensors"]
-    assert paths.list_models("diffusers") == ["HiDream-I1-tiny"]
-    assert paths.list_models("loras") == []
+    assert paths.list_models("diffusers") == ["HiDream-I1-Full"]
+    assert paths.list_models("loras") == ["hidream_composition_lora.safetensors", "hidream_detail_lora.safetensors"]
     assert paths.resolve_model("vae", "ae.safetensors") == models_dir / "vae" / "ae.safetensors"
-    assert paths.resolve_model("diffusers", "HiDream-I1-tiny") == models_dir / "diffusers" / "HiDream-I1-tiny"
+    assert paths.resolve_model("diffusers", "HiDream-I1-Full") == models_dir / "diffusers" / "HiDream-I1-Full"
 
 
 @pytest.mark.parametrize(
@@ -245,8 +245,8 @@ def test_list_and_resolve(models_dir):
         ),
         (
             "diffusers",
-            "HiDream-I1-Full",
-            r"vae_name: diffusers folder \(with model_index\.json\) 'HiDream-I1-Full' not found in diffusers/; available: HiDream-I1-tiny",
+            "HiDream-I1-Dev",
+            r"vae_name: diffusers folder \(with model_index\.json\) 'HiDream-I1-Dev' not found in diffusers/; available: HiDream-I1-Full",
         ),
         (
             "checkpoints",
@@ -303,7 +303,7 @@ def test_bad_files(tiny_paths, tmp_path):
         loading.load_transformer(tiny_paths["vae"], device="cpu")
     with pytest.raises(
         ValueError,
-        match=r"vae_name: 'hidream_i1_full_tiny_fp16\.safetensors' is a HiDream-I1 transformer, expected a Flux VAE",
+        match=r"vae_name: 'hidream_i1_full_fp16\.safetensors' is a HiDream-I1 transformer, expected a Flux VAE",
     ):
         loading.load_vae(t, device="cpu")
     half = _copy(t, tmp_path / "half.safetensors", t.read_bytes()[: t.stat().st_size // 2])
@@ -419,7 +419,7 @@ def test_loader_nodes(models_dir):
     assert inputs["t5"][1]["default"] == "t5xxl_fp8_e4m3fn_scaled.safetensors"
     assert inputs["weights"][0] == ["gpu", "offload"]
     (model,) = loader_nodes.HiDreamI1ModelLoader().load(
-        "hidream_i1_full_tiny_fp8.safetensors", "auto", "fp32", "offload"
+        "hidream_i1_full_fp8.safetensors", "auto", "fp32", "offload"
     )
     assert model.offload and model.variant == "full"
     (enc,) = loader_nodes.HiDreamI1TextEncodersLoader().load(
@@ -433,7 +433,7 @@ def test_loader_nodes(models_dir):
     assert len(enc.tokenizer_3) == 400
     (vae,) = loader_nodes.HiDreamI1VAELoader().load("ae.safetensors", "fp32", "gpu")
     out = loader_nodes.HiDreamI1DiffusersLoader().load(
-        "HiDream-I1-tiny", "dev", "(from folder)", "fp32", "gpu"
+        "HiDream-I1-Full", "dev", "(from folder)", "fp32", "gpu"
     )
     assert [type(x).__name__ for x in out] == ["HiDreamModel", "TextEncoders", "VaeHandle"]
     assert out[0].variant == "dev"
@@ -441,6 +441,6 @@ def test_loader_nodes(models_dir):
         loader_nodes.HiDreamI1VAELoader().load("ae.safetensors", "fp32", "cpu")
     with pytest.raises(
         ValueError,
-        match=r"model_name: file 'hidream_i1_full_fp16\.safetensors' not found in diffusion_models/; available: hidream_i1_full_tiny_bf16",
+        match=r"model_name: file 'hidream_i1_full_missing\.safetensors' not found in diffusion_models/; available: hidream_i1_full_bf16",
     ):
-        loader_nodes.HiDreamI1ModelLoader().load("hidream_i1_full_fp16.safetensors", "auto", "fp32", "gpu")
+        loader_nodes.HiDreamI1ModelLoader().load("hidream_i1_full_missing.safetensors", "auto", "fp32", "gpu")

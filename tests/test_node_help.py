@@ -56,3 +56,35 @@ def test_save_node_with_a_task_uuid_is_cached_like_any_node():
     uid = "0f0e7b4c-3d5a-4c3e-9f1a-2b6c8d9e0a1b"
     assert HiDreamI1SaveImage.IS_CHANGED(task_uuid=f" {uid} ", seed=5) == uid
     assert HiDreamI1SaveImage.IS_CHANGED(task_uuid=uid) == HiDreamI1SaveImage.IS_CHANGED(task_uuid=uid)
+
+
+def _sentinel_inputs() -> set[tuple[str, str]]:
+    """(node, input) whose default is a 'not set' value: -1 (and allowed), or a shift of 0."""
+    found = set()
+    for node_id, cls in NODES:
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, value in spec.get(group, {}).items():
+                options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+                if (
+                    options.get("min") == -1
+                    and options.get("default") == -1
+                    or (name == "shift" and options.get("default") == 0)
+                ):
+                    found.add((node_id, name))
+    return found
+
+
+def test_every_not_set_value_says_what_it_means_on_the_node():
+    """The editor labels widgets from locales/en/nodeDefs.json: '-1' and 'shift 0' name their meaning."""
+    import json
+
+    labels = json.loads((ROOT / "locales" / "en" / "nodeDefs.json").read_text())
+    named = {(node, name): entry["name"] for node, d in labels.items() for name, entry in d["inputs"].items()}
+    sentinels = _sentinel_inputs()
+    assert len(sentinels) >= 20
+    assert set(named) == sentinels, "a label for an input that is not a sentinel, or a sentinel without one"
+    for (node, name), label in named.items():
+        default = dict(NODES)[node].INPUT_TYPES()
+        value = {**default.get("required", {}), **default.get("optional", {})}[name][1]["default"]
+        assert label.startswith(f"{name} (") and f"{value:g} = " in label, (node, name, label)

@@ -377,3 +377,53 @@ def test_task_node_inputs_have_tooltips():
         for name, (_, options) in group.items():
             assert options.get("tooltip"), name
     assert parse_tasks(spec["required"]["task_json"][1]["default"])[0].seed == 95341
+
+
+def test_old_sdk_accelerator_spellings_parse_as_the_spec_fields():
+    """runware 0.5.24's typed IAcceleratorOptions sends fbcache / cacheDistance / cacheStopStep."""
+    old = {
+        **base(),
+        "steps": 20,
+        "acceleratorOptions": {"fbcache": True, "cacheDistance": 0.3, "cacheStopStep": 15},
+    }
+    spec = {
+        **base(),
+        "steps": 20,
+        "acceleratorOptions": {"fbCache": True, "fbCacheThreshold": 0.3, "cacheEndStep": 15},
+    }
+    assert parse_tasks(old)[0].accelerator_options == parse_tasks(spec)[0].accelerator_options
+    assert parse_tasks(old)[0].accelerator_options.cache_end_step == 15
+    assert errors_of({**old, "acceleratorOptions": {"fbcache": True, "cacheStopStep": 25}}) == [
+        "acceleratorOptions.cacheStopStep: got 25; allowed: an integer <= steps (20)"
+    ]
+    both = errors_of({**old, "acceleratorOptions": {"fbcache": True, "fbCache": True}})
+    assert both == [
+        "acceleratorOptions.fbcache: given together with fbCache, the same field in the spec's spelling; "
+        "allowed: one of the two"
+    ]
+    assert (
+        parse_tasks({**old, "acceleratorOptions": {"deepCache": False}})[
+            0
+        ].accelerator_options.cache_configs()
+        == ()
+    )
+    (deep,) = errors_of({**old, "acceleratorOptions": {"deepCache": True}})
+    assert deep.startswith("acceleratorOptions.deepCache: got true; allowed: false (DeepCache")
+
+
+def test_a_resent_task_is_the_same_once_defaults_are_filled_in():
+    from hidream_pack.runware_api.service import same_task
+
+    sparse = {k: v for k, v in base().items() if k not in ("numberResults", "deliveryMethod", "CFGScale")}
+    full = parse_tasks(
+        {**sparse, "numberResults": 1, "deliveryMethod": "async", "webhookURL": "https://example.com/h"}
+    )[0]
+    first = parse_tasks({**sparse, "webhookURL": "https://example.com/h"})[0]
+    assert same_task(first, full)
+    assert not same_task(
+        first, parse_tasks({**sparse, "numberResults": 2, "webhookURL": "https://example.com/h"})[0]
+    )
+    unseeded = {k: v for k, v in sparse.items() if k != "seed"}
+    drawn = parse_tasks(unseeded)[0]
+    assert same_task(drawn, parse_tasks(unseeded)[0])  # a second draw: still the same task
+    assert not same_task(drawn, parse_tasks({**unseeded, "seed": (drawn.seed + 1) % 2**32})[0])

@@ -31,9 +31,11 @@ def test_layout(tiny_paths):
         if p.is_file() and "diffusers/" not in p.relative_to(root).as_posix()
     )
     assert [f for f in files if f != tiny.MANIFEST] == [
-        "diffusion_models/hidream_i1_full_tiny_bf16.safetensors",
-        "diffusion_models/hidream_i1_full_tiny_fp16.safetensors",
-        "diffusion_models/hidream_i1_full_tiny_fp8.safetensors",
+        "diffusion_models/hidream_i1_full_bf16.safetensors",
+        "diffusion_models/hidream_i1_full_fp16.safetensors",
+        "diffusion_models/hidream_i1_full_fp8.safetensors",
+        "loras/hidream_composition_lora.safetensors",
+        "loras/hidream_detail_lora.safetensors",
         "text_encoders/clip_g_hidream.safetensors",
         "text_encoders/clip_l_hidream.safetensors",
         "text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors",
@@ -44,7 +46,7 @@ def test_layout(tiny_paths):
         "vae/ae.safetensors",
     ]
     folder = tiny_paths["diffusers"]
-    assert folder == root / "diffusers" / "HiDream-I1-tiny"
+    assert folder == root / "diffusers" / "HiDream-I1-Full"
     subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir())
     assert subdirs == [
         "scheduler",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from hidream_pack import cli
-from hidream_pack.hidream.model import paths, tiny
+from hidream_pack.hidream.model import paths
 from hidream_pack.hidream.model.handle import HiDreamModel, TextEncoders, VaeHandle
 from hidream_pack.hidream.model.text import Conditioning
 from hidream_pack.hidream.sampling.schedulers import SchedulerSpec
@@ -78,6 +78,15 @@ def test_shipped_workflows_are_what_build_py_generates():
         [sys.executable, str(ROOT / "workflows" / "build.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_template_has_a_card_with_a_thumbnail():
+    """The template browser shows ``<name>.jpg``; workflows/cards.py writes one per workflow."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "workflows" / "cards.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"{len(UI_FILES)} template cards ok"
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
@@ -181,14 +190,9 @@ def test_cli_tiny_models_and_demo(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_loras(tiny_paths):
-    """The stage example's two LoRA files, made for the tiny transformer, in its models/loras."""
-    from _lora import make_lora, write_kohya  # rootdir-relative: tests/ is on sys.path
-
+    """The stage example's two LoRA files: the tiny models come with them, as the user's do."""
     folder = tiny_paths["models_dir"] / "loras"
-    folder.mkdir(exist_ok=True)
-    shapes = tiny.build_transformer(0)
-    for seed, name in enumerate(sorted(LORA_FILES.values()), start=31):
-        write_kohya(make_lora(shapes, seed), folder / name)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(LORA_FILES.values())
     return folder
 
 

@@ -57,7 +57,11 @@ TINY_LLAMA = {
 }
 TINY_VAE = {"block_out_channels": [16, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 16}
 T5_TINY_VOCAB = 400
-DIFFUSERS_NAME = "HiDream-I1-tiny"
+# The names the shipped workflows load (Comfy-Org's file names, Hugging Face's folder name),
+# so that every template runs right after ``python . tiny-models ComfyUI/models``.
+DIFFUSERS_NAMES = {"full": "HiDream-I1-Full", "dev": "HiDream-I1-Dev", "fast": "HiDream-I1-Fast"}
+# The LoRA workflow's two files, each a different random LoRA (its seed).
+TINY_LORAS = {"hidream_composition_lora.safetensors": 31, "hidream_detail_lora.safetensors": 32}
 _SCHEDULERS = {
     "full": (
         "UniPCMultistepScheduler",
@@ -303,7 +307,7 @@ def write_t5_tokenizer(folder: Path) -> int:
 
 def _write_transformer(model, out: Path, variant: str) -> dict[str, Path]:
     state = model.state_dict()
-    stem = f"hidream_i1_{variant}_tiny"
+    stem = f"hidream_i1_{variant}"
     linears = _linear_weights(model)
     fp8_state = {
         "model.diffusion_model." + k: (v.to(torch.float8_e4m3fn) if k in linears else v.to(torch.bfloat16))
@@ -344,10 +348,14 @@ def _write_model_index(folder: Path, scheduler_cls: str) -> None:
 def write_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0) -> dict[str, Path]:
     """Write tiny random HiDream-I1 models under ``models_dir`` (ComfyUI's ``models/`` layout).
 
-    Returns the paths written: ``transformer_fp16``/``_bf16``/``_fp8`` (diffusion_models/; the
-    fp8 one carries the ``model.diffusion_model.`` prefix), ``clip_l``, ``clip_g``, ``t5``,
-    ``llama`` (text_encoders/; T5 and Llama fp8-scaled), ``t5_tokenizer`` (the folder next to
-    the T5 file), ``vae`` (vae/ae.safetensors, BFL key names), ``diffusers`` (the folder).
+    Under the names the shipped workflows use. Returns the paths written:
+    ``transformer_fp16``/``_bf16``/``_fp8`` (diffusion_models/hidream_i1_<variant>_*; the fp8 one
+    carries the ``model.diffusion_model.`` prefix), ``clip_l``, ``clip_g``, ``t5``, ``llama``
+    (text_encoders/; T5 and Llama fp8-scaled), ``t5_tokenizer`` (the folder next to the T5
+    file), ``vae`` (vae/ae.safetensors, BFL key names), ``diffusers`` (diffusers/HiDream-I1-<Variant>),
+    ``lora_<stem>`` (loras/, the LoRA workflow's two files). A file of those names that this
+    function did not write (one not in the folder's ``tiny_models.json``) is never replaced:
+    pointed at a real ComfyUI/models it refuses before writing anything.
     """
     import diffusers
 
@@ -356,6 +364,7 @@ def write_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0)
             f"variant: {variant!r} is not a HiDream-I1 variant; allowed: {', '.join(_SCHEDULERS)}"
         )
     root = Path(models_dir)
+    _refuse_foreign_files(root, variant)
     gen = torch.Generator().manual_seed(seed)
     paths: dict[str, Path] = {"models_dir": root}
 
@@ -381,10 +390,7 @@ def write_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0)
     levels = len(TINY_VAE["block_out_channels"])
     paths["vae"] = _save(vae_to_original_keys(vae.state_dict(), levels), root / "vae" / "ae.safetensors")
 
-    name = (
-        DIFFUSERS_NAME if variant == "full" else DIFFUSERS_NAME.replace("I1-", f"I1-{variant.capitalize()}-")
-    )
-    folder = root / "diffusers" / name
+    folder = root / "diffusers" / DIFFUSERS_NAMES[variant]
     folder.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(folder / "transformer")
     vae.save_pretrained(folder / "vae")
@@ -404,7 +410,59 @@ def write_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0)
     getattr(diffusers, scheduler_cls)(**scheduler_kwargs).save_pretrained(folder / "scheduler")
     _write_model_index(folder, scheduler_cls)
     paths["diffusers"] = folder
+    for name, lora_seed in TINY_LORAS.items():
+        paths[f"lora_{name.removesuffix('.safetensors')}"] = write_tiny_lora(
+            root / "loras" / name, seed=lora_seed
+        )
+    _write_manifest(root, variant, seed, paths)
     return paths
+
+
+def _planned_names(root: Path, variant: str) -> list[Path]:
+    """The top-level files and folders :func:`write_tiny_models` would write."""
+    stem = root / "diffusion_models" / f"hidream_i1_{variant}"
+    te = root / "text_encoders"
+    return [
+        *(stem.with_name(f"{stem.name}_{kind}.safetensors") for kind in ("fp16", "bf16", "fp8")),
+        *(te / n for n in ("clip_l_hidream.safetensors", "clip_g_hidream.safetensors", "t5_tokenizer")),
+        te / "t5xxl_fp8_e4m3fn_scaled.safetensors",
+        te / "llama_3.1_8b_instruct_fp8_scaled.safetensors",
+        root / "vae" / "ae.safetensors",
+        root / "diffusers" / DIFFUSERS_NAMES[variant],
+        *(root / "loras" / name for name in TINY_LORAS),
+    ]
+
+
+def _written_before(root: Path) -> set[str]:
+    """The files the folder's manifest says tiny-models wrote, as paths under ``root``."""
+    try:
+        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        stored = [Path(p).as_posix() for p in data.get("paths", {}).values()]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+    planned = [p.relative_to(root).as_posix() for p in _planned_names(root, data.get("variant", "full"))]
+    # Stored paths are as the writer named them (absolute, or relative to its working folder).
+    return {rel for rel in planned if any(s == rel or s.endswith("/" + rel) for s in stored)}
+
+
+def _refuse_foreign_files(root: Path, variant: str) -> None:
+    """A user's real model (a 17B file named like ours) is never overwritten by a tiny one."""
+    ours = _written_before(root)
+    foreign = [
+        p for p in _planned_names(root, variant) if p.exists() and p.relative_to(root).as_posix() not in ours
+    ]
+    if foreign:
+        listed = ", ".join(str(p.relative_to(root)) for p in foreign[:5])
+        raise ValueError(
+            f"dir: {str(root)!r} already holds {listed}{' ...' if len(foreign) > 5 else ''}, not written by "
+            "tiny-models; expected a folder without those files (the tiny ones would replace them)"
+        )
+
+
+def _write_manifest(root: Path, variant: str, seed: int, paths: dict[str, Path]) -> None:
+    """Written last, so an interrupted build is redone rather than half used."""
+    record = {"variant": variant, "seed": seed, "paths": {k: str(v.absolute()) for k, v in paths.items()}}
+    (root / MANIFEST).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "w1", "w2", "w3")
@@ -432,10 +490,7 @@ MANIFEST = "tiny_models.json"
 
 
 def ensure_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0) -> dict[str, Path]:
-    """:func:`write_tiny_models` unless ``models_dir`` already holds that exact set (same variant, seed).
-
-    The manifest is written last, so an interrupted build is redone rather than half used.
-    """
+    """:func:`write_tiny_models` unless ``models_dir`` already holds that exact set (same variant, seed)."""
     root = Path(models_dir)
     manifest = root / MANIFEST
     if manifest.is_file():
@@ -450,7 +505,4 @@ def ensure_tiny_models(models_dir: Path, *, variant: str = "full", seed: int = 0
             and all(p.exists() for p in paths.values())
         ):
             return paths
-    paths = write_tiny_models(root, variant=variant, seed=seed)
-    record = {"variant": variant, "seed": seed, "paths": {k: str(v) for k, v in paths.items()}}
-    manifest.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    return paths
+    return write_tiny_models(root, variant=variant, seed=seed)

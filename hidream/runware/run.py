@@ -230,9 +230,12 @@ _PREFERRED = ("bf16", "fp16", "fp8")
 def _pick(names: list[str], must: tuple[str, ...], field_name: str, folder: str) -> str:
     hits = [n for n in names if all(m in n.lower() for m in must)]
     if not hits:
+        from ..model import paths
+
+        searched = ", ".join(str(d) for d in paths.search_dirs(folder)) or f"no {folder} folder is configured"
         raise ValueError(
-            f"{field_name}: no file in models/{folder} matches {'*'.join(must)} for runware:97@1 "
-            f"(HiDream-I1 Full); found: {', '.join(names) or 'nothing'}"
+            f"{field_name}: no file matching *{'*'.join(must)}* for runware:97@1 (HiDream-I1 Full) "
+            f"in {searched}; found: {', '.join(names) or 'nothing'}"
         )
     hits.sort(key=lambda n: next((i for i, p in enumerate(_PREFERRED) if p in n.lower()), len(_PREFERRED)))
     return hits[0]

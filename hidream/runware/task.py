@@ -421,71 +421,123 @@ def _parse_safety(check: _Checker, value: Any) -> Safety:
     return Safety(mode == "fast", mode)
 
 
+# What runware 0.5.24's typed ``IAcceleratorOptions`` sends for fields the spec spells otherwise.
+OLD_SDK_ACCEL_ALIASES = {
+    "fbcache": "fbCache",
+    "cacheDistance": "fbCacheThreshold",
+    "cacheStopStep": "cacheEndStep",
+}
+
+
+def _old_sdk_spelling(check: _Checker, value: Any) -> tuple[Any, dict[str, str]]:
+    """``acceleratorOptions`` with the old SDK's spellings read as the spec's fields.
+
+    Returns the renamed object and, per spec field, the name the client sent. Its
+    ``deepCache`` (a UNet cache, nothing a transformer has) is accepted only as ``false``.
+    """
+    if not isinstance(value, dict):
+        return value, {}
+    out: dict[str, Any] = {}
+    sent: dict[str, str] = {}
+    for key, item in value.items():
+        if key == "deepCache":
+            if item is not False:
+                check.fail(
+                    "acceleratorOptions.deepCache",
+                    item,
+                    "false (DeepCache caches a UNet's blocks; for HiDream-I1 use fbCache, teaCache or dbCache)",
+                )
+            continue
+        spec = OLD_SDK_ACCEL_ALIASES.get(key)
+        if spec is None:
+            out[key] = item
+        elif spec in value:
+            check.errors.append(
+                f"acceleratorOptions.{key}: given together with {spec}, the same field in the spec's "
+                "spelling; allowed: one of the two"
+            )
+        else:
+            out[spec] = item
+            sent[spec] = key
+    return out, sent
+
+
 def _parse_accelerator(check: _Checker, value: Any, steps: int | None) -> AcceleratorOptions:
+    value, sent = _old_sdk_spelling(check, value)
     data = check.obj(value, "acceleratorOptions", list(_ACCEL_KEYS))
     if data is None:
         return AcceleratorOptions()
     p = "acceleratorOptions."
+
+    def name(key: str) -> str:  # errors name the field as the client spelt it
+        return p + sent.get(key, key)
+
     before = len(check.errors)
     got = {
-        "fb_cache": check.boolean(data, "fbCache", p + "fbCache", False),
+        "fb_cache": check.boolean(data, "fbCache", name("fbCache"), False),
         "fb_cache_threshold": check.number(
-            data, "fbCacheThreshold", p + "fbCacheThreshold", CACHE_THRESHOLD, 0.25
+            data, "fbCacheThreshold", name("fbCacheThreshold"), CACHE_THRESHOLD, 0.25
         ),
-        "tea_cache": check.boolean(data, "teaCache", p + "teaCache", False),
+        "tea_cache": check.boolean(data, "teaCache", name("teaCache"), False),
         "tea_cache_distance": check.number(
-            data, "teaCacheDistance", p + "teaCacheDistance", CACHE_THRESHOLD, 0.5
+            data, "teaCacheDistance", name("teaCacheDistance"), CACHE_THRESHOLD, 0.5
         ),
-        "db_cache": check.boolean(data, "dbCache", p + "dbCache", False),
+        "db_cache": check.boolean(data, "dbCache", name("dbCache"), False),
         "db_cache_threshold": check.number(
-            data, "dbCacheThreshold", p + "dbCacheThreshold", CACHE_THRESHOLD, 0.25
+            data, "dbCacheThreshold", name("dbCacheThreshold"), CACHE_THRESHOLD, 0.25
         ),
         "db_cache_skip_interval": check.integer(
-            data, "dbCacheSkipInterval", p + "dbCacheSkipInterval", limits.CACHE_REFRESH_INTERVAL, 5
+            data, "dbCacheSkipInterval", name("dbCacheSkipInterval"), limits.CACHE_REFRESH_INTERVAL, 5
         ),
         "cache_start_step": check.integer(
-            data, "cacheStartStep", p + "cacheStartStep", limits.CACHE_START_STEP, None
+            data, "cacheStartStep", name("cacheStartStep"), limits.CACHE_START_STEP, None
         ),
         "cache_end_step": check.integer(
-            data, "cacheEndStep", p + "cacheEndStep", limits.CACHE_END_STEP, None
+            data, "cacheEndStep", name("cacheEndStep"), limits.CACHE_END_STEP, None
         ),
         "cache_start_step_percentage": check.integer(
-            data, "cacheStartStepPercentage", p + "cacheStartStepPercentage", limits.CACHE_START_PERCENT, None
+            data,
+            "cacheStartStepPercentage",
+            name("cacheStartStepPercentage"),
+            limits.CACHE_START_PERCENT,
+            None,
         ),
         "cache_end_step_percentage": check.integer(
-            data, "cacheEndStepPercentage", p + "cacheEndStepPercentage", limits.CACHE_END_PERCENT, None
+            data, "cacheEndStepPercentage", name("cacheEndStepPercentage"), limits.CACHE_END_PERCENT, None
         ),
         "cache_max_consecutive_steps": check.integer(
             data,
             "cacheMaxConsecutiveSteps",
-            p + "cacheMaxConsecutiveSteps",
+            name("cacheMaxConsecutiveSteps"),
             limits.CACHE_MAX_CONSECUTIVE,
             limits.DEFAULT_CACHE_MAX_CONSECUTIVE,
         ),
     }
     if got["fb_cache"] and got["db_cache"]:
         check.errors.append(
-            f"{p}dbCache: got true while fbCache is true; allowed: at most one block cache "
+            f"{name('dbCache')}: got true while fbCache is true; allowed: at most one block cache "
             "(fbCache or dbCache; either may be combined with teaCache)"
         )
     absolute = [k for k in ("cacheStartStep", "cacheEndStep") if k in data]
     percent = [k for k in ("cacheStartStepPercentage", "cacheEndStepPercentage") if k in data]
     if absolute and percent:
         check.errors.append(
-            f"{p}{percent[0]}: got {limits.show(data[percent[0]])} together with {', '.join(absolute)}; "
+            f"{name(percent[0])}: got {limits.show(data[percent[0]])} together with {', '.join(absolute)}; "
             "expected either absolute steps or percentages, not both"
         )
     start, end = got["cache_start_step"], got["cache_end_step"]
     if start is not None and end is not None and start >= end:
-        check.fail(p + "cacheEndStep", end, f"an integer greater than cacheStartStep ({start})")
+        check.fail(name("cacheEndStep"), end, f"an integer greater than cacheStartStep ({start})")
     if end is not None and steps is not None and end > steps:
-        check.fail(p + "cacheEndStep", end, f"an integer <= steps ({steps})")
+        check.fail(name("cacheEndStep"), end, f"an integer <= steps ({steps})")
     if start is not None and end is None and steps is not None and start >= steps:
-        check.fail(p + "cacheStartStep", start, f"an integer < steps ({steps})")
+        check.fail(name("cacheStartStep"), start, f"an integer < steps ({steps})")
     s_pct, e_pct = got["cache_start_step_percentage"], got["cache_end_step_percentage"]
     if s_pct is not None and e_pct is not None and s_pct >= e_pct:
         check.fail(
-            p + "cacheEndStepPercentage", e_pct, f"an integer greater than cacheStartStepPercentage ({s_pct})"
+            name("cacheEndStepPercentage"),
+            e_pct,
+            f"an integer greater than cacheStartStepPercentage ({s_pct})",
         )
     if len(check.errors) > before:
         return AcceleratorOptions()

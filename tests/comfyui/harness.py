@@ -98,29 +98,17 @@ def install_pack(base: Path) -> Path:
 
 
 def write_models(models: Path) -> dict[str, Path]:
-    """Tiny models under the file names the shipped workflows use, plus the suite's extras."""
+    """The tiny models as ``python . tiny-models`` writes them (the shipped workflows' file
+    names, the LoRA workflow's two LoRAs), plus the suite's extras."""
     tiny = _engine("model.tiny")
     files = tiny.ensure_tiny_models(models)
-    aliases = {
-        models / "diffusion_models" / "hidream_i1_full_fp8.safetensors": files["transformer_fp8"],
-        models / "diffusion_models" / "hidream_i1_full_bf16.safetensors": files["transformer_bf16"],
-    }
-    for alias, source in aliases.items():
-        if not alias.exists():
-            shutil.copy2(source, alias)
-    folder = models / "diffusers" / "HiDream-I1-Full"
-    if not folder.exists():
-        shutil.copytree(files["diffusers"], folder)
     loras = models / "loras"
-    for seed, name in enumerate(LORA_FILES, start=31):
-        if not (loras / name).exists():
-            tiny.write_tiny_lora(loras / name, seed=seed)
     if not (loras / NOT_A_LORA).exists():
         shutil.copy2(files["vae"], loras / NOT_A_LORA)  # a valid safetensors file, but a VAE
     full_vae = models / "vae" / FULL_VAE
     if not full_vae.exists():
         _write_full_width_vae(full_vae)
-    return {**files, "diffusers_folder": folder, "full_vae": full_vae}
+    return {**files, "diffusers_folder": files["diffusers"], "full_vae": full_vae}
 
 
 def _write_full_width_vae(path: Path) -> None:
@@ -354,7 +342,7 @@ def check_worker_alive(log_path: Path) -> None:
     text = log_path.read_text(errors="replace")
     at = text.find(WORKER_DIED)
     if at >= 0:
-        raise AssertionError(f"a ComfyUI thread died; no prompt runs after it:\n{text[at:at + 3000]}")
+        raise AssertionError(f"a ComfyUI thread died; no prompt runs after it:\n{text[at : at + 3000]}")
 
 
 def run_watched(cmd: list[str], log_path: Path, timeout: float, **kwargs) -> subprocess.CompletedProcess:

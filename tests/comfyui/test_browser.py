@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import graphs
@@ -296,3 +297,116 @@ def test_every_pack_node_shows_its_help_page_in_the_editor(editor: Editor, pack_
     locale_404 = re.compile(r"/extensions/[^/]+/docs/HiDreamI1\w+/en\.md$")
     others = [e for e in editor.new_errors(since) if not locale_404.search(e[2] or "")]
     assert others == [], others
+
+
+OPEN_TEMPLATES = "() => app.extensionManager.command.execute('Comfy.BrowseTemplates')"
+WIDGET_LABEL = "([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).label"
+FIRST = "hidream_i1_full_t2i"
+
+
+def _pack_module(comfy: Client) -> str:
+    listed = comfy.get_json("/workflow_templates")
+    (module,) = [m for m in listed if FIRST in listed[m]]
+    return module
+
+
+def test_first_five_minutes_tiny_models_a_template_card_and_an_image(editor: Editor, comfy: Client, tmp_path):
+    """The README's first five minutes: ``python . tiny-models`` writes what the server's models
+    folder holds; Browse Templates shows the pack's card with its thumbnail; a click opens the
+    workflow; Run (steps lowered to 8, the size kept) shows a 1024x1024 image on Save Image."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(PACK_ROOT), "tiny-models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    server_models = comfy.base / "models"
+    for path in tmp_path.rglob("*.safetensors"):
+        rel = path.relative_to(tmp_path)
+        if rel.parts[0] != "diffusers":
+            assert (server_models / rel).read_bytes() == path.read_bytes(), rel
+
+    page = editor.page
+    since = len(editor.errors)
+    page.evaluate("() => app.graph.clear()")
+    page.evaluate(OPEN_TEMPLATES)
+    module = _pack_module(comfy)
+    page.get_by_text(module, exact=True).first.click(timeout=30_000)  # the pack's category
+    title = page.get_by_text(FIRST, exact=True).first  # frontends title a pack's card by its file name
+    title.wait_for(timeout=30_000)
+    card = title.locator("xpath=ancestor::*[.//img][1]").locator("img").first  # 1.49 shows it as a blob
+    card.scroll_into_view_if_needed(timeout=30_000)
+    page.wait_for_function("(e) => e.complete && e.naturalWidth === 640", arg=card.element_handle())
+    page.screenshot(path=str(ARTIFACTS / "template_cards.png"))
+    card.click()
+    workflow = graphs.load(graphs.WORKFLOWS / f"{FIRST}.json")
+    page.wait_for_function("(n) => app.graph._nodes.length === n", arg=len(workflow["nodes"]))
+    assert page.evaluate(CHECK_NODES, workflow) == []
+    assert page.evaluate(WIDGET_LABEL, [5, "shift"]) == "shift (0 = variant default)"
+    page.evaluate(SET_WIDGETS, [[6, "steps", 8]])
+    queued = _run(editor, FIRST)
+    entry = comfy.wait(queued["answer"]["prompt_id"], timeout=RUN_TIMEOUT_MS / 1000)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    (found,) = comfy.images(entry).values()
+    assert [size for _, size in found] == [(1024, 1024)]
+    page.wait_for_function(SHOWN, arg=[8, 1024, 1024], timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "first_five_minutes.png"))
+    assert editor.new_errors(since) == [], "console errors"
+
+
+SEEN = """() => { window.__hidreamSeen = [];
+  const api = window.comfyAPI?.api?.api ?? app.api;
+  for (const t of ['executing', 'progress', 'progress_state', 'executed', 'execution_start', 'execution_error', 'b_preview'])
+    api.addEventListener(t, (e) => window.__hidreamSeen.push([t, JSON.stringify(e.detail ?? null)]));
+  return !!api; }"""
+
+
+def test_an_api_task_never_lights_up_the_open_graph(editor: Editor, comfy: Client):
+    """While the Runware API runs a task, the user's open graph (whose node 1 the API's old
+    one-node prompt shared an id with) gets no executing outline, progress bar or preview."""
+    import json
+    import uuid
+
+    import requests
+
+    folder = comfy.base / "user" / "hidream_runware"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "api_key").write_text("browser-key-5d1e\n")
+    (folder / "models.json").write_text(json.dumps({"runware:97@1": {"dtype": "fp32", "weights": "gpu"}}))
+    page = editor.page
+    _load(editor, graphs.WORKFLOWS / f"{FIRST}.json", graphs.load(graphs.WORKFLOWS / f"{FIRST}.json"))
+    assert page.evaluate(SEEN)
+    task = {
+        "taskType": "imageInference",
+        "taskUUID": str(uuid.uuid4()),
+        "positivePrompt": "a kite",
+        "model": "runware:97@1",
+        "width": 256,
+        "height": 256,
+        "steps": 60,
+        "seed": 99,
+        "deliveryMethod": "async",
+    }
+    headers = {"Authorization": "Bearer browser-key-5d1e"}
+    url = comfy.url + "/runware/v1"
+    assert requests.post(url, json=[task], headers=headers, timeout=60).status_code == 200
+    deadline, shot = time.time() + 120, False
+    while time.time() < deadline:
+        body = requests.post(
+            url, json=[{"taskType": "getResponse", "taskUUID": task["taskUUID"]}], headers=headers, timeout=60
+        ).json()
+        if body.get("data") and body["data"][0].get("status") == "success":
+            break
+        if not shot and comfy.get_json("/queue")["queue_running"]:
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(ARTIFACTS / "api_task_running.png"))  # node 1 without an outline
+            shot = True
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"the API task did not finish: {body}")
+    assert shot, "never saw the API task running"
+    assert page.evaluate("() => window.__hidreamSeen") == []

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import graphs
 import harness  # tests/comfyui/conftest.py puts this folder on sys.path
 import pytest
 import requests
@@ -126,13 +127,23 @@ def pixels(png: bytes) -> bytes:
         return im.convert("RGB").tobytes()
 
 
+JOB_NODE = "runware-api-job"  # the API prompt's one node: an id no editor graph has
+
+
+def job_node(queue_item: list) -> dict:
+    """The one node of an API job prompt in a /queue item (prompt number, id, graph, ...)."""
+    graph = queue_item[2]
+    assert list(graph) == [JOB_NODE], f"not an API job prompt: {list(graph)}"
+    return graph[JOB_NODE]
+
+
 def wait_running(server: ComfyServer, task_uuid: str, timeout: float = 60) -> str:
     """The prompt id of the API job for ``task_uuid`` once ComfyUI runs it."""
     end = time.time() + timeout
     while time.time() < end:
         running = requests.get(server.url + "/queue", timeout=10).json()["queue_running"]
         for item in running:
-            if item[2]["1"]["inputs"]["job_id"] == task_uuid:
+            if job_node(item)["inputs"]["job_id"] == task_uuid:
                 return item[1]
         time.sleep(0.05)
     raise AssertionError(f"task {task_uuid} never ran")
@@ -208,6 +219,54 @@ def test_async_then_get_response_before_and_after(api):
     assert again == late
 
 
+def _drain(ws, quiet_s: float = 1.5) -> list:
+    """Every frame an editor's socket received until it has been quiet for ``quiet_s``."""
+    import websocket
+
+    ws.settimeout(quiet_s)
+    frames = []
+    while True:
+        try:
+            frames.append(ws.recv())
+        except websocket.WebSocketTimeoutException:
+            return frames
+
+
+def _api_prompt_id(server: ComfyServer, task_uuid: str) -> str:
+    history = requests.get(server.url + "/history", timeout=10).json()
+    ids = [
+        pid
+        for pid, e in history.items()
+        if e["prompt"][2].get(JOB_NODE, {}).get("inputs", {}).get("job_id") == task_uuid
+    ]
+    assert len(ids) == 1, f"no single history entry for the API job of {task_uuid}: {ids}"
+    return ids[0]
+
+
+def test_api_jobs_send_no_events_to_an_open_editor(api, comfy):
+    """An editor (a socket with its own clientId) gets its own prompt's events, and none of
+    an API job's: no ``executing`` outline, progress bar, preview or error on its nodes."""
+    ws = comfy.websocket()
+    try:
+        _drain(ws, 0.5)  # the greeting status
+        own = comfy.run(graphs.t2i(seed=4242))
+        mine = [json.loads(f) for f in _drain(ws) if isinstance(f, str)]
+        own_id = own["prompt"][1]
+        assert {"executing", "progress"} <= {m["type"] for m in mine if m["data"].get("prompt_id") == own_id}
+        status, body = post(api, [task(steps=4, seed=4343)])
+        assert status == 200 and len(body["data"]) == 1, body
+        frames = _drain(ws)
+    finally:
+        ws.close()
+    api_id = _api_prompt_id(api, body["data"][0]["taskUUID"])
+    texts = [f for f in frames if isinstance(f, str)]
+    assert [f for f in frames if not isinstance(f, str)] == [], "binary (preview) frames reached the editor"
+    leaked = [t for t in texts if api_id in t or JOB_NODE in t]
+    assert leaked == [], f"API job events reached the editor: {leaked[:3]}"
+    kinds = {json.loads(t)["type"] for t in texts}
+    assert kinds <= {"status"}, f"the editor saw {kinds} while only the API ran"
+
+
 def test_concurrent_clients_get_their_own_results(api):
     results: dict[int, dict] = {}
 
@@ -230,6 +289,27 @@ def test_repeated_task_uuid_replays_and_conflicts(api):
     again = post(api, [t])[1]  # an SDK retry: same UUID, same task -> the stored result, no new run
     assert again == first
     status, body = post(api, [{**t, "seed": 4}])
+    assert status == 409 and body["errors"][0]["code"] == "conflictTaskUUID"
+
+
+def test_a_retry_with_the_defaults_written_out_replays(api):
+    """The spec's own example shape (no numberResults, deliveryMethod, ...) first, then what an SDK
+    sends for the same task: defaults spelt out, outputType as a list, the old SDK's ``fbcache``."""
+    t = task(outputType="base64Data", seed=5, acceleratorOptions={"fbCache": True})
+    first = post(api, [t])[1]
+    assert "errors" not in first, first
+    written_out = {
+        **t,
+        "numberResults": 1,
+        "deliveryMethod": "sync",
+        "outputType": ["base64Data"],
+        "outputFormat": "JPG",
+        "CFGScale": 5.0,
+        "acceleratorOptions": {"fbcache": True, "cacheDistance": 0.25},
+    }
+    again = post(api, [written_out])[1]
+    assert again == first
+    status, body = post(api, [{**written_out, "acceleratorOptions": {"fbcache": True, "cacheDistance": 0.3}}])
     assert status == 409 and body["errors"][0]["code"] == "conflictTaskUUID"
 
 
@@ -330,8 +410,8 @@ def test_cancel_running_and_queued_tasks(api):
     assert post(api, [running, queued])[0] == 200
     prompt_id = wait_running(api, running["taskUUID"])
     pending = requests.get(api.url + "/queue", timeout=10).json()["queue_pending"]
-    queued_ids = [p[1] for p in pending if p[2]["1"]["inputs"]["job_id"] == queued["taskUUID"]]
-    assert [p[2]["1"]["class_type"] for p in pending if p[1] in queued_ids] == ["HiDreamI1RunwareApiJob"]
+    queued_ids = [p[1] for p in pending if job_node(p)["inputs"]["job_id"] == queued["taskUUID"]]
+    assert [job_node(p)["class_type"] for p in pending if p[1] in queued_ids] == ["HiDreamI1RunwareApiJob"]
     requests.post(api.url + "/queue", json={"delete": queued_ids}, timeout=10)
     for t in (queued, running):
         end = time.time() + 60
@@ -517,7 +597,9 @@ def _run_sdk(server: ComfyServer, env_name: str, script: str, args: list[str]) -
 
 @pytest.fixture(scope="module")
 def old_sdk(api) -> dict[str, dict]:
-    return _run_sdk(api, "RUNWARE_SDK_OLD", "old_sdk_client.py", [api.api_url.replace("http://", "ws://"), KEY])
+    return _run_sdk(
+        api, "RUNWARE_SDK_OLD", "old_sdk_client.py", [api.api_url.replace("http://", "ws://"), KEY]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -571,6 +653,37 @@ def test_old_sdk_errors_bad_task_wrong_key_cancel(old_sdk):
     assert old_sdk["wrong_key"]["message"].endswith("Last error: Invalid API key.")
     assert old_sdk["cancelled"]["raised"] == "RunwareAPIError"
     assert old_sdk["cancelled"]["error"]["code"] == "taskCancelled"
+
+
+def test_old_sdk_typed_accelerator_fields_mean_the_spec_fields(api, old_sdk):
+    """runware 0.5.24's IAcceleratorOptions spells fbCache / fbCacheThreshold / cacheEndStep as
+    fbcache / cacheDistance / cacheStopStep: the same image as the spec's spelling, and an error
+    names the field the SDK sent."""
+    typed = old_sdk["typed_fbcache"]["images"]
+    accel = {"fbCache": True, "fbCacheThreshold": 0.2, "cacheStartStep": 1, "cacheEndStep": 3}
+    status, body = post(
+        api,
+        [
+            task(
+                steps=4,
+                seed=14,
+                positivePrompt="a lighthouse",
+                outputType="base64Data",
+                outputFormat="PNG",
+                acceleratorOptions=accel,
+            )
+        ],
+    )
+    assert status == 200, body
+    assert pixels(base64.b64decode(typed[0]["imageBase64Data"])) == pixels(
+        base64.b64decode(body["data"][0]["imageBase64Data"])
+    )
+    bad = old_sdk["typed_bad_window"]
+    assert bad["raised"] == "RunwareAPIError"
+    assert (bad["error"]["code"], bad["error"]["parameter"]) == (
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.cacheStopStep",
+    )
 
 
 def test_new_sdk_websocket(new_sdk):

@@ -149,3 +149,5 @@ def test_templates_are_listed_once_and_each_one_loads(comfy: Client):
         status, body = comfy.request(f"/api/workflow_templates/{urllib.parse.quote(ours[0])}/{name}.json")
         assert status == 200, name
         assert json.loads(body) == graphs.load(graphs.WORKFLOWS / f"{name}.json")
+        status, thumb = comfy.request(f"/api/workflow_templates/{urllib.parse.quote(ours[0])}/{name}.jpg")
+        assert status == 200 and thumb == (graphs.WORKFLOWS / f"{name}.jpg").read_bytes(), name  # the card

@@ -48,7 +48,11 @@ async def interrupt_when_running(http: str, task_uuid: str) -> None:
         for _ in range(600):
             async with client.get(f"{http}/queue") as reply:
                 running = (await reply.json())["queue_running"]
-            ids = [item[1] for item in running if item[2]["1"]["inputs"].get("job_id") == task_uuid]
+            ids = [
+                item[1]
+                for item in running
+                if next(iter(item[2].values()))["inputs"].get("job_id") == task_uuid
+            ]
             if ids:  # again until it stops: ComfyUI clears the flag when a prompt starts
                 seen = True
                 async with client.post(f"{http}/interrupt", json={"prompt_id": ids[0]}):

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from runware import IImageInference, Runware
+from runware import IAcceleratorOptions, IImageInference, Runware
 
 
 def out(scenario: str, **fields) -> None:
@@ -41,6 +41,12 @@ def request(**over) -> IImageInference:
     return IImageInference(**fields)
 
 
+def job_id(queue_item: list) -> str | None:
+    """The taskUUID an API job prompt (one node) in /queue runs."""
+    (node,) = queue_item[2].values()
+    return node["inputs"].get("job_id")
+
+
 async def interrupt_when_running(http: str, task_uuid: str) -> None:
     """Press ComfyUI's cancel (POST /interrupt) while the task's prompt runs."""
     import httpx
@@ -49,7 +55,7 @@ async def interrupt_when_running(http: str, task_uuid: str) -> None:
         seen = False
         for _ in range(600):
             running = (await client.get(f"{http}/queue")).json()["queue_running"]
-            ids = [item[1] for item in running if item[2]["1"]["inputs"].get("job_id") == task_uuid]
+            ids = [item[1] for item in running if job_id(item) == task_uuid]
             if ids:  # again until it stops: ComfyUI clears the flag when a prompt starts
                 seen = True
                 await client.post(f"{http}/interrupt", json={"prompt_id": ids[0]})
@@ -94,6 +100,19 @@ async def scenarios(url: str, key: str) -> None:
     except Exception as exc:  # noqa: BLE001 - the scenario reports what the SDK raised
         out("bad_task", raised=type(exc).__name__, error=getattr(exc, "error_data", None))
     await cancelled(rw, url)
+    typed = IAcceleratorOptions(fbcache=True, cacheDistance=0.2, cacheStartStep=1, cacheStopStep=3)
+    got = await rw.imageInference(
+        requestImage=request(
+            steps=4, seed=14, outputType="base64Data", outputFormat="PNG", acceleratorOptions=typed
+        )
+    )
+    out("typed_fbcache", images=images(got))
+    try:
+        bad_window = IAcceleratorOptions(teaCache=True, cacheStopStep=9)
+        await rw.imageInference(requestImage=request(steps=4, acceleratorOptions=bad_window))
+        out("typed_bad_window", raised=None)
+    except Exception as exc:  # noqa: BLE001
+        out("typed_bad_window", raised=type(exc).__name__, error=getattr(exc, "error_data", None))
     bad = Runware(api_key="not-the-key", url=url, max_retries=1, retry_delay=0.2)
     await bad.connect()
     try:
