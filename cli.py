@@ -133,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     webhook is told, Runware's error shape); 2 when the input was refused before any model work.
     """
     from .hidream.model import paths
+    from .hidream.runware import targets
     from .hidream.runware.run import check_price, check_task, find_models, prepare
     from .hidream.runware.task import TaskValidationError, parse_tasks, read_task_file
 
@@ -142,6 +143,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"task validation failed ({Path(args.task).name}):", *exc.errors, sep="\n  ", file=sys.stderr)
         return 2
     check_price(args.price_per_hour, "--price-per-hour")
+    targets.configure(
+        "cli",
+        targets.TargetPolicy.parse(
+            args.allow_target, args.deny_target, source="--allow-target/--deny-target"
+        ),
+    )
     check_output_dir(args.output_dir)
     paths.set_models_dir(check_models_dir(args.models_dir))
     for task in tasks:
@@ -245,7 +252,11 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
+        if (
+            any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or action.default == []
+            or "default" in text
+        ):
             return text
         return super()._get_help_string(action)
 
@@ -307,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--price-per-hour", type=float, default=0.0, help="machine price for includeCost")
     run.add_argument(
         "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype of the three models"
+    )
+    run.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="CIDR_OR_HOST",
+        help="also send webhooks/uploads there (repeatable; by default only public addresses are allowed)",
+    )
+    run.add_argument(
+        "--deny-target",
+        action="append",
+        default=[],
+        metavar="CIDR_OR_HOST",
+        help="never send there (repeatable)",
     )
     run.set_defaults(func=_run)
     return parser

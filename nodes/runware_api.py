@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..runware_api.jobs import run_job
+from ..runware_api.jobs import run_job, running_prompt_id
 
 
 class HiDreamI1RunwareApiJob:
@@ -36,7 +36,7 @@ class HiDreamI1RunwareApiJob:
         return float("nan")
 
     def run(self, job_id: str) -> dict:
-        ui, results = run_job(job_id)
+        ui, results = run_job(job_id, running_prompt_id())
         return {"ui": ui, "result": (json.dumps(results),)}
 
 

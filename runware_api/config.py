@@ -10,6 +10,8 @@ route serves; it is not inside one, so the key file cannot be downloaded through
 - ``models.json``: ``{"runware:97@1": {...files and options...}, "loras": {AIR id: file},
   "pricePerHour": 0}``. Missing file or entry: the files are picked from the model folders
   as ``python . run`` does. Loaded models are kept and reused while the entry is unchanged.
+  ``allowTargets`` / ``denyTargets`` (CIDRs, host names) widen or narrow the outbound target
+  policy (hidream/runware/targets.py) for every webhook and upload of this ComfyUI.
 
 Keys are compared in constant time and never logged or echoed.
 """
@@ -25,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hidream.runware import targets
+from ..hidream.runware.targets import TargetPolicy
 from ..hidream.runware.task import MODEL_AIR
+from .guard import Limits
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,21 @@ def check_key(given: Any) -> str:
     return "ok" if ok else "invalid"
 
 
+def key_owner(given: str) -> str:
+    """A stable, non-reversible name for an accepted key (per-key limits; never logged as the key)."""
+    import hashlib
+
+    return hashlib.sha256(given.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def current_limits() -> Limits:
+    """The limits of ``models.json``, or the defaults while it is missing or broken."""
+    try:
+        return settings().limits
+    except ValueError:
+        return Limits()
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """The files and options serving ``runware:97@1``; names are relative to the model folders."""
@@ -130,6 +150,8 @@ class ApiSettings:
     entry: ModelEntry
     loras: dict[str, str]
     price_per_hour: float = 0.0
+    targets: TargetPolicy = TargetPolicy()
+    limits: Limits = Limits()
 
 
 def _check_entry(raw: Any, where: str) -> ModelEntry:
@@ -156,7 +178,7 @@ def parse_settings(data: Any, source: str = MODELS_FILE) -> ApiSettings:
     """Check a ``models.json`` document; errors name the file and the field."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: got {type(data).__name__}; allowed: a JSON object")
-    allowed = (MODEL_AIR, "loras", "pricePerHour")
+    allowed = (MODEL_AIR, "loras", "pricePerHour", "allowTargets", "denyTargets", "limits")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise ValueError(
@@ -172,7 +194,19 @@ def parse_settings(data: Any, source: str = MODELS_FILE) -> ApiSettings:
     price = data.get("pricePerHour", 0.0)
     if isinstance(price, bool) or not isinstance(price, (int, float)) or not 0 <= price < 1e6:
         raise ValueError(f"{source}: pricePerHour: got {price!r}; allowed: a number >= 0")
-    return ApiSettings(entry=entry, loras=dict(loras), price_per_hour=float(price))
+    lists = {}
+    for key in ("allowTargets", "denyTargets"):
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{source}: {key}: got {value!r}; allowed: a list of CIDRs and host names")
+        lists[key] = value
+    policy = TargetPolicy.parse(
+        lists["allowTargets"], lists["denyTargets"], source=f"{source}: allowTargets/denyTargets"
+    )
+    limits = Limits.parse(data.get("limits"), f"{source}: limits")
+    return ApiSettings(
+        entry=entry, loras=dict(loras), price_per_hour=float(price), targets=policy, limits=limits
+    )
 
 
 def _read_settings(path: Path | None) -> ApiSettings | ValueError:
@@ -189,6 +223,7 @@ def settings() -> ApiSettings:
     value = _models_cache.get(settings_dir() / MODELS_FILE, _read_settings)
     if isinstance(value, ValueError):
         raise value
+    targets.configure("api", value.targets)  # webhooks and uploads of this ComfyUI follow it
     return value
 
 
@@ -197,11 +232,10 @@ def lora_resolver(loras: dict[str, str]):
     from ..hidream.model import paths
 
     def resolve(name: str) -> Path:
-        if name not in loras:
-            known = ", ".join(sorted(loras)) or "none configured"
+        if name not in loras:  # the configured ids are the operator's business, not a caller's
             raise ValueError(
-                f"lora_name: {name!r} is not a LoRA this server knows; add it to "
-                f'{FOLDER}/{MODELS_FILE} under "loras" (known: {known})'
+                f"lora_name: {name!r} is not a LoRA this server knows; allowed: an AIR id that the "
+                f'server\'s {MODELS_FILE} lists under "loras"'
             )
         return paths.resolve_model("loras", loras[name], field=f"{MODELS_FILE} loras[{name!r}]")
 

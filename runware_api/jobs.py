@@ -46,8 +46,8 @@ class Job:
     done: bool = False
     finished_at: float | None = None
     deliveries: list[dict] = field(default_factory=list)
-    ui_images: list[dict] = field(default_factory=list)
     version: int = 0
+    owner: str | None = None  # a fingerprint of the API key that queued it (per-key limits)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _waiters: set = field(default_factory=set, repr=False)
 
@@ -132,6 +132,11 @@ class JobStore:
             self._jobs[key] = job
             return job, True
 
+    def open_count(self, owner: str) -> int:
+        """Tasks of ``owner`` not finished yet (queued or running)."""
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if job.owner == owner and not job.done)
+
     def get(self, task_uuid: Any) -> Job | None:
         if not isinstance(task_uuid, str):
             return None
@@ -156,13 +161,14 @@ class JobStore:
 STORE = JobStore()
 
 
-def new_job(task: Task, raw: dict, base_url: str) -> Job:
+def new_job(task: Task, raw: dict, base_url: str, owner: str | None = None) -> Job:
     """A job with its image UUIDs fixed now: ``processing`` items announce them before the images exist."""
     return Job(
         task=task,
         raw=raw,
         base_url=base_url,
         image_uuids=[str(uuid.uuid4()) for _ in range(task.number_results)],
+        owner=owner,
     )
 
 
@@ -171,7 +177,16 @@ def _is_interrupt(exc: BaseException) -> bool:
     return type(exc).__name__ in ("InterruptProcessingException", "Interrupted")
 
 
-def run_job(job_id: str) -> tuple[dict, list[dict]]:
+def running_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI's worker is running now (it records it before executing)."""
+    try:
+        from server import PromptServer  # type: ignore[import-not-found]  # ComfyUI's own module
+    except ImportError:
+        return None
+    return getattr(PromptServer.instance, "last_prompt_id", None)
+
+
+def run_job(job_id: str, prompt_id: str | None) -> tuple[dict, list[dict]]:
     """Run a queued job inside ComfyUI's prompt worker; returns the node's ``ui`` dict and the results.
 
     Images are generated one at a time (image i from seed + i, equal to the batch's image i)
@@ -179,10 +194,15 @@ def run_job(job_id: str) -> tuple[dict, list[dict]]:
     result, so a slow webhook never delays the caller.
     """
     job = STORE.get(job_id)
-    if job is None:
-        raise ValueError(f"job_id: {job_id!r} is not a pending Runware API job (they expire after their ttl)")
+    # Only the prompt the API queued for the job runs it: a graph queued through ComfyUI's open
+    # /prompt with someone's taskUUID gets neither their images nor their model time.
+    if job is None or prompt_id is None or job.prompt_id != prompt_id:
+        raise ValueError(
+            f"job_id: {job_id!r} is not a Runware API job queued for this prompt; allowed: only the "
+            "prompts the API queues itself"
+        )
     if job.done:
-        return {"images": job.ui_images}, list(job.results)
+        return _ui(job), list(job.results)
     try:
         _generate_all(job)
     except BaseException as exc:
@@ -196,7 +216,12 @@ def run_job(job_id: str) -> tuple[dict, list[dict]]:
             job.fail(wire.CODE_INFERENCE, f"Inference failed: {type(exc).__name__}: {exc}")
         raise
     job.finish()
-    return {"images": job.ui_images}, list(job.results)
+    return _ui(job), list(job.results)
+
+
+def _ui(job: Job) -> dict:
+    """What ComfyUI's history keeps of a job: a count, never file names (``/view`` would serve them)."""
+    return {"runware_images": [len(job.results)]}
 
 
 def _generate_all(job: Job) -> None:
@@ -222,7 +247,6 @@ def _generate_all(job: Job) -> None:
             report,
         )
         saved, response = _publish(job, one, i, images, seconds, settings.price_per_hour)
-        job.ui_images.append(saved.ui_entry())
         job.add_result(response)
         if task.webhook_url or task.upload_endpoint:
             item = delivery.Deliverable(saved.data, saved.content_type, response)

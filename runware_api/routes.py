@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import config, jobs, service, wire
+from . import config, guard, jobs, service, wire
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,20 @@ def queue_item(
 
 
 def _base_url(request: web.Request) -> str:
-    """Where URL images are fetched from: $HIDREAM_VIEW_BASE_URL (behind a proxy), else the host asked."""
+    """Where URL images are fetched from: $HIDREAM_VIEW_BASE_URL (behind a proxy), else the
+    address this server accepted the connection on. Never the client's Host header: a caller
+    would choose the host written into other callers' imageURLs and webhook payloads."""
     from ..hidream.runware.output import BASE_URL_ENV
 
-    return os.environ.get(BASE_URL_ENV) or f"{request.scheme}://{request.host}"
+    configured = os.environ.get(BASE_URL_ENV)
+    if configured:
+        return configured.rstrip("/")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname:
+        return f"{request.scheme}://127.0.0.1"
+    host, port = sockname[0], sockname[1]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{request.scheme}://{shown}:{port}"
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -129,7 +139,10 @@ def _reply(errors: list[dict], data: list[dict]) -> web.Response:
 async def _post(request: web.Request, queue: ComfyQueue) -> web.Response:
     """REST: the whole array at once; the reply holds every result of every sync task."""
     key = _bearer(request)
-    session = service.Session(queue, _base_url(request), authenticated=config.check_key(key) == "ok")
+    ok = config.check_key(key) == "ok"
+    session = service.Session(
+        queue, _base_url(request), authenticated=ok, owner=config.key_owner(key) if ok else None
+    )
     if key is not None and not session.authenticated and config.api_enabled():
         log.warning("Runware API: refused a REST request with an invalid API key")
         err = wire.error(
@@ -143,6 +156,9 @@ async def _post(request: web.Request, queue: ComfyQueue) -> web.Response:
         data.extend(message.get("data", []))
         errors.extend(message.get("errors", []))
 
+    limit = config.current_limits().max_body_bytes
+    if (request.content_length or 0) > limit:  # refused unread
+        return _reply([guard.body_error(request.content_length, limit)], [])
     pending = await session.handle(await request.read(), emit)
     if pending:
         await asyncio.gather(*pending)

@@ -11,6 +11,7 @@ options against steps) before it is queued, so a bad task costs no model work an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..hidream.runware.task import TASK_TYPE, Task, TaskValidationError, parse_tasks
-from . import config, jobs, wire
+from . import config, guard, jobs, wire
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,20 @@ def _check_loras(task: Task, loras: dict[str, str]) -> list[dict]:
     return errors
 
 
+def _check_targets(task: Task) -> list[dict]:
+    """Webhook and upload targets against the outbound policy: refused before queueing."""
+    from ..hidream.runware import targets
+
+    errors = []
+    for name, url in (("webhookURL", task.webhook_url), ("uploadEndpoint", task.upload_endpoint)):
+        if url:
+            try:
+                targets.check_url(url, name)
+            except targets.TargetRefused as exc:
+                errors.append(wire.value_error(exc, task.task_type, task.task_uuid))
+    return errors
+
+
 def validate_task(raw: dict) -> Task:
     """A fully checked Task, or ApiError with one Runware error per problem (no model work)."""
     import dataclasses
@@ -90,6 +105,7 @@ def validate_task(raw: dict) -> Task:
             [wire.error(wire.CODE_CONFIG, message, task_type=TASK_TYPE, task_uuid=uid)]
         ) from exc
     errors = _check_loras(task, settings.loras)
+    errors += _check_targets(task)
     configs = task.accelerator_options.cache_configs()
     if configs:
         from ..hidream.cache.config import check_configs
@@ -132,26 +148,42 @@ def same_task(stored: Task, again: Task) -> bool:
     return dataclasses.replace(again, delivery_method=stored.delivery_method, seed=seed) == stored
 
 
+def _duplicate(uid: str, index: int) -> dict:
+    """Two tasks of one request with one taskUUID would share one job and one set of images."""
+    message = f"tasks[{index}].taskUUID: {uid} is already used by an earlier task of this request; allowed: a new UUID"
+    return wire.error(wire.CODE_CONFLICT, message, task_type=TASK_TYPE, task_uuid=uid, parameter="taskUUID")
+
+
 class Session:
     """One connection (WebSocket) or one request (REST) speaking Runware's protocol."""
 
-    def __init__(self, queue: Any, base_url: str, *, authenticated: bool = False) -> None:
+    def __init__(
+        self, queue: Any, base_url: str, *, authenticated: bool = False, owner: str | None = None
+    ) -> None:
         self.queue = queue
         self.base_url = base_url
         self.authenticated = authenticated
+        self.owner = owner if authenticated else None  # config.key_owner of the key used
         self.session_uuid = str(uuid.uuid4())
 
     async def handle(self, body: str | bytes, emit: Emit) -> list[Awaitable[None]]:
         """Answer one frame or body; returns the sync work still to do."""
         _cleanup_files()
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            await emit({"errors": [wire.error(wire.CODE_BAD_JSON, f"request: not valid JSON ({exc})")]})
+        limits = config.current_limits()
+        try:  # in a worker thread: the event loop keeps serving everyone else meanwhile
+            items = await asyncio.to_thread(guard.parse_body, body, limits)
+        except wire.ApiError as exc:
+            await emit({"errors": exc.errors})
             return []
-        items = data if isinstance(data, list) else [data]
         pending: list[Awaitable[None]] = []
+        seen: set[str] = set()
         for index, raw in enumerate(items):
+            uid = _task_uuid(raw) if isinstance(raw, dict) and raw.get("taskType") == TASK_TYPE else None
+            if uid is not None and uid.lower() in seen:
+                await emit({"errors": [_duplicate(uid, index)]})
+                continue
+            if uid is not None:
+                seen.add(uid.lower())
             await self._one(index, raw, emit, pending)
         return pending
 
@@ -233,15 +265,20 @@ class Session:
             )
             return
         self.authenticated = True
+        self.owner = config.key_owner(raw["apiKey"])
         await emit({"data": [{"taskType": "authentication", "connectionSessionUUID": self.session_uuid}]})
 
     async def _image_inference(self, raw: dict, emit: Emit, pending: list) -> None:
         try:
             task = validate_task(raw)
+            limits = config.current_limits()
+            guard.check_work(task, limits)
+            if jobs.STORE.get(task.task_uuid) is None and self.owner is not None:
+                guard.check_queue(self.owner, jobs.STORE.open_count(self.owner), limits, task)
         except wire.ApiError as exc:
             await emit({"errors": exc.errors})
             return
-        job, created = jobs.STORE.add(jobs.new_job(task, raw, self.base_url))
+        job, created = jobs.STORE.add(jobs.new_job(task, raw, self.base_url, self.owner))
         if not created and not same_task(job.task, task):
             message = f"taskUUID: {task.task_uuid} is already used by a different task; use a new UUID"
             err = wire.error(

@@ -36,6 +36,8 @@ _STATUS = {
     CODE_CANCELLED: 409,
     CODE_INFERENCE: 500,
     CODE_CONFLICT: 409,
+    "maxBodySizeExceeded": 413,
+    "rateLimitExceeded": 429,
 }
 _FIELD_RE = re.compile(r"^(?:tasks\[\d+\]\.)?([A-Za-z][A-Za-z0-9]*)")
 

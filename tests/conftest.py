@@ -13,6 +13,10 @@ import runpy
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite's webhook and upload receivers listen on 127.0.0.1, which a user's default outbound
+# policy refuses (hidream/runware/targets.py); every other loopback and private address stays
+# refused, and tests/test_targets.py checks the default policy itself.
+os.environ["HIDREAM_ALLOW_TARGETS"] = "127.0.0.1"
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 # the pack as ``hidream_pack``, and the checkout off sys.path (``python -m pytest`` puts it there)
@@ -85,3 +89,24 @@ def eager_backend(monkeypatch):
     monkeypatch.setattr(compile_mod, "_WARNED", set())
     yield
     torch._dynamo.reset()
+
+
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "", None}
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_name_lookups(monkeypatch):
+    """Tests never resolve an outside host name: the target policy would look up every webhook
+    host a task names (a DNS query leaves the machine, and offline it hangs for seconds). Such a
+    lookup fails at once here, as an unresolvable name; tests that need answers patch their own."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name in _LOCAL_NAMES or (isinstance(name, str) and name.startswith("127.")):
+            return real(host, *args, **kwargs)
+        raise socket.gaierror(socket.EAI_NONAME, f"the tests resolve no outside names ({name})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)

@@ -266,6 +266,27 @@ def test_bad_tasks_are_refused_before_the_queue(user_dir):
     assert queue.submitted == [] and pending == []
 
 
+def test_refusals_name_no_configured_id_and_no_duplicate_task_is_queued(user_dir):
+    (user_dir / config.MODELS_FILE).write_text(
+        json.dumps({"loras": {"civitai:1@1": "secret_client_lora.safetensors"}})
+    )
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True)
+    twin = task()
+    sent, _ = talk(session, [task(lora=[{"model": "civitai:2@2"}]), twin, dict(twin, seed=6)])
+    unknown = sent[0]["errors"][0]
+    assert unknown["code"] == "unknownModel" and "civitai:1@1" not in unknown["message"]
+    assert "secret_client_lora" not in json.dumps(sent)
+    duplicate = sent[-1]["errors"][0]
+    assert (duplicate["code"], duplicate["parameter"], duplicate["taskUUID"]) == (
+        "conflictTaskUUID",
+        "taskUUID",
+        twin["taskUUID"],
+    )
+    assert duplicate["message"].startswith("tasks[2].taskUUID: ")
+    assert [j.task_uuid for j in queue.submitted] == [twin["taskUUID"]]
+
+
 def test_broken_models_json_is_a_clear_error(user_dir):
     (user_dir / config.MODELS_FILE).write_text('{"runware:97@1": {"model": "missing.safetensors"}}')
     sent, _ = talk(service.Session(FakeQueue(), "http://h:1", authenticated=True), [task()])
@@ -379,3 +400,60 @@ def test_finished_jobs_are_kept_for_their_ttl():
     assert not plain.expired(plain.finished_at + jobs.DEFAULT_RETENTION_S - 1)
     assert plain.expired(plain.finished_at + jobs.DEFAULT_RETENTION_S + 1)
     assert job.fail("x", "y") is False  # an ended job keeps its outcome
+
+
+def _codes(sent: list[dict]) -> list[str]:
+    return [e["code"] for m in sent for e in m.get("errors", [])]
+
+
+def test_hostile_bodies_get_errors_never_a_traceback(user_dir):
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True, owner="k")
+
+    def send(body: str) -> list[dict]:
+        sent: list[dict] = []
+
+        async def emit(message: dict) -> None:
+            sent.append(message)
+
+        assert run_async(session.handle(body, emit)) == []
+        return sent
+
+    deep = send("[" * 5000 + "]" * 5000)
+    assert (
+        _codes(deep) == ["invalidJson"]
+        and "nested thousands of levels deep" in deep[0]["errors"][0]["message"]
+    )
+    nested = send(json.dumps([{"lora": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}]))
+    assert (
+        nested[0]["errors"][0]["message"]
+        == "request: nested 20 levels deep; allowed: at most 16 (maxJsonDepth)"
+    )
+    many = send(json.dumps([{"taskType": "ping"}] * 33))
+    assert _codes(many) == ["maxTasksPerRequestExceeded"]
+    assert many[0]["errors"][0]["message"].startswith("request: 33 tasks; allowed: at most 32 per request")
+    assert queue.submitted == []
+
+
+def test_limits_from_models_json_work_per_task_and_queue_per_key(user_dir):
+    limits = {"maxBodyBytes": 4000, "maxQueuedTasksPerKey": 2, "maxTaskWork": 1024 * 1024 * 30}
+    (user_dir / config.MODELS_FILE).write_text(json.dumps({"limits": limits}))
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True, owner=config.key_owner(KEY))
+    big = talk(session, [task(width=1024, height=1024, steps=31)])[0]
+    assert _codes(big) == ["maxTaskWorkExceeded"]
+    assert "1024x1024 x 31 steps x 1 images = 32505856 pixel-steps" in big[0]["errors"][0]["message"]
+    first, second = task(deliveryMethod="async"), task(deliveryMethod="async")
+    assert _codes(talk(session, [first, second])[0]) == []
+    third = talk(session, [task(deliveryMethod="async")])[0]
+    assert _codes(third) == ["rateLimitExceeded"]
+    assert _codes(talk(session, [first])[0]) == []  # a re-send of a queued task is not a new one
+    other = service.Session(queue, "http://h:1", authenticated=True, owner=config.key_owner("another key"))
+    assert _codes(talk(other, [task(deliveryMethod="async")])[0]) == []  # the limit is per key
+    assert len(queue.submitted) == 3
+    huge = talk(session, [task(positivePrompt="x" * 5000)])[0]
+    assert _codes(huge) == ["maxBodySizeExceeded"]
+    (user_dir / config.MODELS_FILE).write_text(json.dumps({"limits": {"maxTaskWork": 0}}))
+    broken = talk(session, [task()])[0]
+    assert _codes(broken) == ["invalidModelConfiguration"]
+    assert "limits.maxTaskWork: got 0; allowed: an integer >= 1" in broken[0]["errors"][0]["message"]

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import targets
+
 log = logging.getLogger(__name__)
 
 MAX_TRIES = 3
@@ -193,7 +195,14 @@ class _Watchdog:
                         _hidream_watched = True
 
                         def _new_conn(self) -> Any:
-                            sock = super()._new_conn()
+                            # The target policy again, at connect time: the socket goes to the
+                            # address just checked, TLS and Host still use the name.
+                            name = self._dns_host
+                            self._dns_host = targets.pinned_address(name, self.port)
+                            try:
+                                sock = super()._new_conn()
+                            finally:
+                                self._dns_host = name
                             watchdog.add(sock)
                             return sock
 
@@ -231,6 +240,20 @@ class _Watchdog:
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The policy's refusal inside a requests error (urllib3 wraps what ``_new_conn`` raises)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, targets.TargetRefused):
+            return str(exc)
+        for arg in getattr(exc, "args", ()):
+            if isinstance(arg, BaseException) and _refusal(arg):
+                return _refusal(arg)
+        exc = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def _timeouts(timeout: float | tuple[float, float], left: float) -> tuple[float, float]:
@@ -293,8 +316,13 @@ def _send(
                     allow_redirects=False,
                 )
                 response.close()
+            except targets.TargetRefused as exc:
+                error, retry = str(exc), False
             except (requests.ConnectionError, requests.Timeout) as exc:
-                error = _scrub(f"{type(exc).__name__}: {exc}", url)
+                refused = _refusal(exc)
+                error, retry = (
+                    (refused, False) if refused else (_scrub(f"{type(exc).__name__}: {exc}", url), True)
+                )
             except requests.RequestException as exc:
                 error, retry = _scrub(f"{type(exc).__name__}: {exc}", url), False
             else:

@@ -371,6 +371,7 @@ class PublishOptions:
 
     def validate(self) -> None:
         """Raise ValueError naming the field before anything is written or sent."""
+        from . import targets
         from .delivery import redact_url, url_problem
 
         _check_format(self.output_format, self.output_quality)
@@ -380,6 +381,8 @@ class PublishOptions:
             trouble = url_problem(url) if url else None
             if trouble:
                 raise ValueError(problem(name, redact_url(url), f"an http:// or https:// URL ({trouble})"))
+            if url:
+                targets.check_url(url, name)
         if self.delivery_method == "async" and not (self.upload_endpoint or self.webhook_url):
             raise ValueError(
                 problem("deliveryMethod", "async", "sync, unless webhookURL or uploadEndpoint is given")

@@ -92,7 +92,17 @@ def check_task(task: Task, lora_resolver: Callable[[str], Any] | None = None) ->
     if task.safety.check_content and task.safety.mode != "none":
         check_detector()
     check_scheduler_name(task.scheduler)
+    check_targets(task)
     return tuple(specs)
+
+
+def check_targets(task: Task) -> None:
+    """Webhook and upload targets against the outbound policy (targets.py), before any work."""
+    from . import targets
+
+    for name, url in (("webhookURL", task.webhook_url), ("uploadEndpoint", task.upload_endpoint)):
+        if url:
+            targets.check_url(url, name)
 
 
 def prepare(

@@ -167,6 +167,7 @@ class Server:
     def start(self, timeout: float = 180.0) -> Server:
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)  # the tests' interpreter switch is not a user's setting
+        env["HIDREAM_ALLOW_TARGETS"] = "127.0.0.1"  # the suite's receivers; [::1], 10/8, ... stay refused
         cmd = [
             sys.executable,
             "main.py",

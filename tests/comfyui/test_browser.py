@@ -302,6 +302,11 @@ def test_every_pack_node_shows_its_help_page_in_the_editor(editor: Editor, pack_
 OPEN_TEMPLATES = "() => app.extensionManager.command.execute('Comfy.BrowseTemplates')"
 WIDGET_LABEL = "([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).label"
 FIRST = "hidream_i1_full_t2i"
+# The card titled ``name`` shows our 640x480 thumbnail (both frontends load it as a blob: URL).
+CARD_SHOWN = """(name) => { const title = [...document.querySelectorAll('[role=dialog] *')]
+  .find(e => e.children.length === 0 && e.textContent.trim() === name);
+  let card = title; while (card && !card.querySelector('img')) card = card.parentElement;
+  const img = card?.querySelector('img'); return !!img && img.complete && img.naturalWidth === 640; }"""
 
 
 def _pack_module(comfy: Client) -> str:
@@ -335,14 +340,14 @@ def test_first_five_minutes_tiny_models_a_template_card_and_an_image(editor: Edi
     page.evaluate("() => app.graph.clear()")
     page.evaluate(OPEN_TEMPLATES)
     module = _pack_module(comfy)
-    page.get_by_text(module, exact=True).first.click(timeout=30_000)  # the pack's category
-    title = page.get_by_text(FIRST, exact=True).first  # frontends title a pack's card by its file name
+    dialog = page.get_by_role("dialog")  # not the workflow tabs, which may carry the same name
+    dialog.get_by_text(module, exact=True).first.click(timeout=30_000)  # the pack's category
+    title = dialog.get_by_text(FIRST, exact=True).first  # frontends title a pack's card by its file name
     title.wait_for(timeout=30_000)
-    card = title.locator("xpath=ancestor::*[.//img][1]").locator("img").first  # 1.49 shows it as a blob
-    card.scroll_into_view_if_needed(timeout=30_000)
-    page.wait_for_function("(e) => e.complete && e.naturalWidth === 640", arg=card.element_handle())
+    title.scroll_into_view_if_needed(timeout=30_000)  # cards load their thumbnails when in view
+    page.wait_for_function(CARD_SHOWN, arg=FIRST, timeout=30_000)  # the editor re-renders the img
     page.screenshot(path=str(ARTIFACTS / "template_cards.png"))
-    card.click()
+    title.click()
     workflow = graphs.load(graphs.WORKFLOWS / f"{FIRST}.json")
     page.wait_for_function("(n) => app.graph._nodes.length === n", arg=len(workflow["nodes"]))
     assert page.evaluate(CHECK_NODES, workflow) == []
@@ -378,6 +383,9 @@ def test_an_api_task_never_lights_up_the_open_graph(editor: Editor, comfy: Clien
     (folder / "api_key").write_text("browser-key-5d1e\n")
     (folder / "models.json").write_text(json.dumps({"runware:97@1": {"dtype": "fp32", "weights": "gpu"}}))
     page = editor.page
+    if page.locator(".p-dialog").count():  # an earlier test's template dialog
+        page.keyboard.press("Escape")
+        page.wait_for_function("() => !document.querySelector('.p-dialog')", timeout=10_000)
     _load(editor, graphs.WORKFLOWS / f"{FIRST}.json", graphs.load(graphs.WORKFLOWS / f"{FIRST}.json"))
     assert page.evaluate(SEEN)
     task = {

@@ -57,7 +57,7 @@ class ComfyServer:
         path = self.base / "server.log"  # where the harness writes it when it starts the server
         return path if path.is_file() else None
 
-    def configure(self, key: str | None = KEY) -> None:
+    def configure(self, key: str | None = KEY, **extra: object) -> None:
         """Write the key file (None: remove it, API off) and models.json: tiny models in fp32."""
         folder = self.base / "user" / "hidream_runware"
         folder.mkdir(parents=True, exist_ok=True)
@@ -69,6 +69,7 @@ class ComfyServer:
             "runware:97@1": {"dtype": "fp32", "weights": "gpu"},
             "loras": {LORA_AIR: harness.LORA_FILES[0]},
             "pricePerHour": 3.6,
+            **extra,
         }
         (folder / "models.json").write_text(json.dumps(models))
 
@@ -265,6 +266,23 @@ def test_api_jobs_send_no_events_to_an_open_editor(api, comfy):
     assert leaked == [], f"API job events reached the editor: {leaked[:3]}"
     kinds = {json.loads(t)["type"] for t in texts}
     assert kinds <= {"status"}, f"the editor saw {kinds} while only the API ran"
+
+
+def test_comfyuis_open_routes_cannot_run_or_read_an_api_job(api, comfy):
+    """``/prompt`` with another client's taskUUID runs nothing and returns nothing of theirs;
+    the API job's history entry names no image file (``/view`` would serve it)."""
+    status, body = post(api, [task(outputType="base64Data", seed=77)])
+    assert status == 200
+    (result,) = body["data"]
+    stolen = {"1": {"class_type": "HiDreamI1RunwareApiJob", "inputs": {"job_id": result["taskUUID"]}}}
+    with pytest.raises(harness.PromptFailed, match="is not a Runware API job queued for this prompt") as info:
+        comfy.run(stolen)
+    assert result["imageBase64Data"][:200] not in str(info.value)
+    history = requests.get(api.url + "/history", timeout=30).json()
+    entry = history[_api_prompt_id(api, result["taskUUID"])]
+    assert entry["status"]["status_str"] == "success"
+    assert entry["outputs"] == {JOB_NODE: {"runware_images": [1]}}
+    assert result["imageUUID"] not in json.dumps(history)
 
 
 def test_concurrent_clients_get_their_own_results(api):
@@ -474,6 +492,54 @@ def test_error_paths(api, tasks, status, code, parameter):
     assert error["message"].startswith(parameter + ":")
 
 
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("webhookURL", "http://169.254.169.254/latest/meta-data/"),  # cloud metadata: never contacted
+        ("webhookURL", "http://[::1]:8188/interrupt"),  # this server's own routes
+        ("uploadEndpoint", "http://10.0.0.1:1/x"),
+        ("uploadEndpoint", "http://10.0.0.1:8188/x"),
+    ],
+)
+def test_a_refused_target_is_an_error_before_queueing(api, field, url):
+    """The outbound policy answers at once (no connection: the same time for any port) and
+    nothing is queued."""
+    t = task(deliveryMethod="async", **{field: url})
+    start = time.perf_counter()
+    status, body = post(api, [t])
+    assert time.perf_counter() - start < 2.0
+    assert status == 400 and "data" not in body
+    (error,) = body["errors"]
+    assert (error["code"], error["parameter"]) == (f"invalid{field[0].upper()}{field[1:]}", field)
+    assert " is refused: " in error["message"] and "allowed: public addresses" in error["message"]
+    again = post(api, [{"taskType": "getResponse", "taskUUID": t["taskUUID"]}])
+    assert again[0] == 404  # never accepted
+
+
+def test_deny_targets_in_models_json_refuse_a_receiver(api, sink):
+    url, received = sink
+    api.configure(denyTargets=["127.0.0.1"])
+    try:
+        status, body = post(api, [task(webhookURL=url + "/hook")])
+    finally:
+        api.configure()
+    assert status == 400 and body["errors"][0]["parameter"] == "webhookURL"
+    assert "127.0.0.1 is on the deny list" in body["errors"][0]["message"]
+    assert received == []
+    status, body = post(api, [task(webhookURL=url + "/hook")])  # the list is re-read: allowed again
+    assert status == 200 and "errors" not in body
+
+
+def test_image_urls_never_take_the_clients_host_header(api):
+    """A caller's ``Host`` would otherwise be written into the imageURLs others fetch."""
+    headers = {"Authorization": f"Bearer {KEY}", "Host": "evil.example:666"}
+    reply = requests.post(api.api_url, json=[task(outputType="URL", seed=21)], headers=headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    url = reply.json()["data"][0]["imageURL"]
+    assert url.startswith(api.url + "/runware/v1/image/HiDream_"), url
+    assert requests.get(url, timeout=30).content.startswith(MAGIC["JPG"])
+
+
 def test_every_problem_of_a_task_is_reported(api):
     status, body = post(api, [task(steps=0, width=100, CFGScale=-1)])
     assert status == 400
@@ -529,6 +595,37 @@ def test_access_control(api):
 
 
 # ------------------------------------------------------------------ raw WebSocket
+
+
+def test_hostile_bodies_are_refused_quickly_and_never_crash_the_handler(api):
+    """A 9 MB body of 400,000 tiny tasks without a key, a 5,000-deep array, 33 tasks: each answered with
+    a Runware error at once (no traceback, no 500), and the server keeps answering."""
+    tiny_tasks = json.dumps([{"taskType": "ping"}] * 400_000).encode()
+    assert len(tiny_tasks) > 8 * 1024 * 1024
+    start = time.perf_counter()
+    status, body = post(api, None, key=None, raw=tiny_tasks)
+    assert time.perf_counter() - start < 2.0
+    assert (status, body["errors"][0]["code"]) == (413, "maxBodySizeExceeded")
+    status, body = post(api, None, key=None, raw=b"[" * 5000 + b"]" * 5000)
+    assert (status, body["errors"][0]["code"]) == (400, "invalidJson")
+    status, body = post(api, [task() for _ in range(33)])
+    assert (status, body["errors"][0]["code"]) == (400, "maxTasksPerRequestExceeded")
+
+    import aiohttp
+
+    async def over_websocket() -> list:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(api.api_url.replace("http://", "ws://")) as ws,
+        ):
+            await ws.send_str("[" * 5000 + "]" * 5000)
+            deep = json.loads((await ws.receive()).data)
+            await ws.send_str(json.dumps([{"taskType": "ping", "ping": True}]))
+            return [deep, json.loads((await ws.receive()).data)]
+
+    deep, pong = asyncio.run(over_websocket())
+    assert deep["errors"][0]["code"] == "invalidJson"
+    assert pong == {"data": [{"taskType": "ping", "pong": True}]}  # the socket stayed open
 
 
 def test_websocket_protocol(api):
