@@ -120,6 +120,14 @@ def key_owner(given: str) -> str:
     return hashlib.sha256(given.encode("utf-8", "replace")).hexdigest()[:16]
 
 
+def restart_mode() -> str:
+    """``rerun`` (default) or ``fail``: ``models.json``'s ``onRestart``."""
+    try:
+        return settings().on_restart
+    except ValueError:
+        return "rerun"
+
+
 def current_limits() -> Limits:
     """The limits of ``models.json``, or the defaults while it is missing or broken."""
     try:
@@ -152,6 +160,7 @@ class ApiSettings:
     price_per_hour: float = 0.0
     targets: TargetPolicy = TargetPolicy()
     limits: Limits = Limits()
+    on_restart: str = "rerun"  # what a restart does with unfinished tasks: rerun or fail
 
 
 def _check_entry(raw: Any, where: str) -> ModelEntry:
@@ -178,7 +187,7 @@ def parse_settings(data: Any, source: str = MODELS_FILE) -> ApiSettings:
     """Check a ``models.json`` document; errors name the file and the field."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: got {type(data).__name__}; allowed: a JSON object")
-    allowed = (MODEL_AIR, "loras", "pricePerHour", "allowTargets", "denyTargets", "limits")
+    allowed = (MODEL_AIR, "loras", "pricePerHour", "allowTargets", "denyTargets", "limits", "onRestart")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise ValueError(
@@ -204,8 +213,16 @@ def parse_settings(data: Any, source: str = MODELS_FILE) -> ApiSettings:
         lists["allowTargets"], lists["denyTargets"], source=f"{source}: allowTargets/denyTargets"
     )
     limits = Limits.parse(data.get("limits"), f"{source}: limits")
+    on_restart = data.get("onRestart", "rerun")
+    if on_restart not in ("rerun", "fail"):
+        raise ValueError(f"{source}: onRestart: got {on_restart!r}; allowed: rerun, fail")
     return ApiSettings(
-        entry=entry, loras=dict(loras), price_per_hour=float(price), targets=policy, limits=limits
+        entry=entry,
+        loras=dict(loras),
+        price_per_hour=float(price),
+        targets=policy,
+        limits=limits,
+        on_restart=on_restart,
     )
 
 
@@ -237,9 +254,20 @@ def lora_resolver(loras: dict[str, str]):
                 f"lora_name: {name!r} is not a LoRA this server knows; allowed: an AIR id that the "
                 f'server\'s {MODELS_FILE} lists under "loras"'
             )
-        return paths.resolve_model("loras", loras[name], field=f"{MODELS_FILE} loras[{name!r}]")
+        try:
+            return paths.resolve_model("loras", loras[name], field=f"{MODELS_FILE} loras[{name!r}]")
+        except ValueError as exc:  # the operator's mistake: details to the log, none to the caller
+            log.error("Runware API: %s", exc)
+            raise ServerConfigError(
+                f"lora_name: {name!r} is configured in the server's {MODELS_FILE}, but its file is "
+                "missing or unusable; the server's log says which"
+            ) from exc
 
     return resolve
+
+
+class ServerConfigError(ValueError):
+    """models.json names something that is not there: ``invalidModelConfiguration``, no listing."""
 
 
 def resolve_files(entry: ModelEntry) -> dict[str, Path]:

@@ -73,11 +73,17 @@ class Job:
             self.results.append(response)
             self._changed()
 
+    def add_deliveries(self, outcomes: list[dict]) -> None:
+        """Delivery outcomes, recorded from the delivery pool (runware_api/outbox.py)."""
+        with self._lock:
+            self.deliveries.extend(outcomes)
+
     def finish(self) -> None:
         with self._lock:
             if not self.done:
                 self.done, self.finished_at = True, time.time()
                 self._changed()
+        _forget(self.task_uuid)
 
     def fail(self, code: str, message: str, parameter: str | None = None) -> bool:
         """Record the error unless the job already ended; True when this call ended it."""
@@ -89,7 +95,8 @@ class Job:
             )
             self.done, self.finished_at = True, time.time()
             self._changed()
-            return True
+        _forget(self.task_uuid)
+        return True
 
     async def wait_change(self, seen_version: int, timeout: float) -> None:
         """Return when the job changed after ``seen_version``, or after ``timeout`` seconds."""
@@ -112,6 +119,13 @@ class Job:
             return False
         keep = self.task.ttl if self.task.ttl is not None else DEFAULT_RETENTION_S
         return now > self.finished_at + keep
+
+
+def _forget(task_uuid: str) -> None:
+    """An ended job leaves the journal (restarts take up only unfinished ones)."""
+    from . import journal
+
+    journal.forget(task_uuid)
 
 
 class JobStore:
@@ -226,14 +240,14 @@ def _ui(job: Job) -> dict:
 
 def _generate_all(job: Job) -> None:
     from ..hidream.runware import delivery
-    from ..hidream.runware.output import keep_undelivered
     from ..hidream.runware.run import generate, prepare
-    from . import config
+    from . import config, outbox
 
     settings = config.settings()
     models = config.MODELS.get(settings.entry)
     resolver = config.lora_resolver(settings.loras)
     task = job.task
+    deadline: float | None = None  # every delivery of the task, from its first image on
     for i in range(task.number_results):
         one = dataclasses.replace(task, seed=task.seed + i, number_results=1, delivery_method="sync")
         prep = prepare(one, models, resolver)
@@ -248,11 +262,10 @@ def _generate_all(job: Job) -> None:
         )
         saved, response = _publish(job, one, i, images, seconds, settings.price_per_hour)
         job.add_result(response)
-        if task.webhook_url or task.upload_endpoint:
-            item = delivery.Deliverable(saved.data, saved.content_type, response)
-            results = delivery.deliver_all([item], task.upload_endpoint, task.webhook_url)
-            keep_undelivered([saved], results)  # an image nobody received never expires
-            job.deliveries.extend(r.to_dict() for r in results)
+        if task.webhook_url or task.upload_endpoint:  # sent from the pool: the queue moves on
+            if deadline is None:
+                deadline = time.monotonic() + delivery.TASK_DEADLINE_S
+            outbox.send(job, delivery.Deliverable(saved.data, saved.content_type, response), deadline)
 
 
 def _publish(job: Job, one: Task, index: int, images: Any, seconds: float, price_per_hour: float):

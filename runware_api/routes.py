@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import config, guard, jobs, service, wire
+from . import config, guard, jobs, journal, service, wire
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ def register(server: Any) -> None:
     """Add the routes to ComfyUI's route table (before it builds its app)."""
     queue = ComfyQueue(server)
     routes = server.routes
+    journal.replay_when_ready(server, queue)  # tasks accepted before a restart
 
     @routes.post(PREFIX)
     async def runware_post(request: web.Request) -> web.Response:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..hidream.runware.task import TASK_TYPE, Task, TaskValidationError, parse_tasks
-from . import config, guard, jobs, wire
+from . import config, guard, jobs, journal, wire
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,16 @@ def _check_loras(task: Task, loras: dict[str, str]) -> list[dict]:
     for i, entry in enumerate(task.lora):
         try:
             lora_spec_from_task(entry, resolver, field=f"lora[{i}]")
+        except config.ServerConfigError as exc:
+            errors.append(
+                wire.error(
+                    wire.CODE_CONFIG,
+                    str(exc),
+                    task_type=task.task_type,
+                    task_uuid=task.task_uuid,
+                    parameter=f"lora[{i}].model",
+                )
+            )
         except ValueError as exc:
             err = wire.value_error(exc, task.task_type, task.task_uuid)
             if "is not a LoRA this server knows" in err["message"]:
@@ -292,8 +302,10 @@ class Session:
             return
         if created:
             try:
+                journal.record(job)  # before the acknowledgement: a restart takes it up again
                 await self.queue.submit(job)
             except Exception as exc:  # noqa: BLE001 - the caller gets the reason in Runware's shape
+                journal.forget(job.task_uuid)
                 jobs.STORE.remove(job)
                 log.exception("Runware API: queueing task %s failed", task.task_uuid)
                 err = wire.error(
@@ -327,6 +339,14 @@ class Session:
 
     async def _get_response(self, uid: str | None, emit: Emit) -> None:
         job = jobs.STORE.get(uid)
+        waiting = journal.announced(uid) if job is None and isinstance(uid, str) else None
+        if waiting is not None:  # accepted before a restart, not taken up again yet
+            items = [
+                {"taskType": TASK_TYPE, "taskUUID": uid, "status": "processing", "imageUUID": u}
+                for u in waiting
+            ]
+            await emit({"data": items})
+            return
         if job is None:
             message = f"taskUUID: no task {json.dumps(uid)} here (unknown, or its results expired)"
             err = wire.error(

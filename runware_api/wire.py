@@ -26,6 +26,7 @@ CODE_UNKNOWN_PARAMETER = "unknownParameter"
 CODE_UNSUPPORTED_TASK = "unsupportedTaskType"
 CODE_BAD_JSON = "invalidJson"
 CODE_CONFIG = "invalidModelConfiguration"
+CODE_TASK_FAILED = "taskFailed"
 
 _STATUS = {
     CODE_INVALID_KEY: 401,

@@ -457,3 +457,51 @@ def test_limits_from_models_json_work_per_task_and_queue_per_key(user_dir):
     broken = talk(session, [task()])[0]
     assert _codes(broken) == ["invalidModelConfiguration"]
     assert "limits.maxTaskWork: got 0; allowed: an integer >= 1" in broken[0]["errors"][0]["message"]
+
+
+def test_a_broken_lora_entry_is_a_configuration_error_without_a_file_listing(user_dir, caplog):
+    (user_dir / config.MODELS_FILE).write_text(json.dumps({"loras": {"civitai:1@1": "gone.safetensors"}}))
+    session = service.Session(FakeQueue(), "http://h:1", authenticated=True)
+    sent, _ = talk(session, [task(lora=[{"model": "civitai:1@1"}])])
+    (error,) = sent[0]["errors"]
+    assert (error["code"], error["parameter"]) == ("invalidModelConfiguration", "lora[0].model")
+    assert error["message"].startswith(
+        "lora[0].model: 'civitai:1@1' is configured in the server's models.json"
+    )
+    assert "style.safetensors" not in json.dumps(sent)  # the folder's files are not listed
+    assert "gone.safetensors" in caplog.text  # the operator finds it in the log
+
+
+def test_accepted_tasks_are_journaled_until_they_end_and_replayed_after_a_restart(user_dir):
+    from hidream_pack.runware_api import journal
+
+    queue = FakeQueue()
+    session = service.Session(queue, "http://h:1", authenticated=True, owner="k")
+    done, waiting = task(deliveryMethod="async"), task(deliveryMethod="async", numberResults=2)
+    talk(session, [done, waiting])
+    folder = user_dir / journal.FOLDER
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(t["taskUUID"] for t in (done, waiting))
+    first, second = queue.submitted
+    first.finish()
+    assert [p.stem for p in folder.glob("*.json")] == [waiting["taskUUID"]]
+    announced = list(second.image_uuids)
+
+    jobs.STORE.remove(second)  # ComfyUI restarted: the in-memory store is empty again
+    again = FakeQueue()
+    assert run_async(journal.replay(again)) == 1
+    (rerun,) = again.submitted
+    assert (rerun.task_uuid, rerun.image_uuids, rerun.owner) == (waiting["taskUUID"], announced, "k")
+    rerun.finish()
+    assert list(folder.glob("*.json")) == []
+
+    (user_dir / config.MODELS_FILE).write_text(json.dumps({"onRestart": "fail"}))
+    lost = task(deliveryMethod="async")
+    talk(session, [lost])
+    jobs.STORE.remove(jobs.STORE.get(lost["taskUUID"]))
+    none = FakeQueue()
+    assert run_async(journal.replay(none)) == 1 and none.submitted == []
+    sent, _ = talk(session, [{"taskType": "getResponse", "taskUUID": lost["taskUUID"]}])
+    (error,) = sent[0]["errors"]
+    assert (error["code"], error["taskUUID"]) == ("taskFailed", lost["taskUUID"])
+    assert "restarted" in error["message"]
+    assert list(folder.glob("*.json")) == []

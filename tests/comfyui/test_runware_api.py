@@ -285,6 +285,56 @@ def test_comfyuis_open_routes_cannot_run_or_read_an_api_job(api, comfy):
     assert result["imageUUID"] not in json.dumps(history)
 
 
+def test_a_failed_delivery_keeps_the_images_ttl(api):
+    """A stranger's dead webhook (here a closed loopback port) must not keep a file for ever."""
+    t = task(ttl=120, webhookURL="http://127.0.0.1:1/hook", seed=88)
+    status, body = post(api, [t])
+    assert status == 200, body
+    name = body["data"][0]["imageURL"].rsplit("/", 1)[1]
+    line = f"Runware API task {t['taskUUID']}: webhook of image"
+    end = time.time() + 60
+    while time.time() < end and line not in (
+        api.log_path.read_text(errors="replace") if api.log_path else ""
+    ):
+        time.sleep(0.2)
+    assert line in api.log_path.read_text(errors="replace"), "the failed delivery was not logged"
+    sidecar = api.output_dir / "hidream" / f"{name}.ttl.json"
+    assert sidecar.is_file() and json.loads(sidecar.read_text())["ttl"] == 120
+
+
+def test_a_slow_receiver_never_holds_the_queue(api):
+    """A webhook receiver that accepts and then says nothing: the task's job still ends when its
+    image is stored, and the next task runs at once (deliveries leave from a background pool)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def silent() -> None:
+        held = []
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                continue
+        for conn in held:
+            conn.close()
+
+    threading.Thread(target=silent, daemon=True).start()
+    try:
+        start = time.perf_counter()
+        slow = post(api, [task(seed=90, webhookURL=f"http://127.0.0.1:{listener.getsockname()[1]}/hook")])
+        after = post(api, [task(seed=91)])
+        elapsed = time.perf_counter() - start
+    finally:
+        stop.set()
+        time.sleep(0.3)
+        listener.close()
+    assert slow[0] == 200 and after[0] == 200, (slow, after)
+    assert elapsed < 20, f"the second task waited {elapsed:.1f} s behind a silent webhook"
+
+
 def test_concurrent_clients_get_their_own_results(api):
     results: dict[int, dict] = {}
 
