@@ -113,6 +113,12 @@ def check_key(given: Any) -> str:
     return "ok" if ok else "invalid"
 
 
+def images_root() -> Path:
+    """Where API images are saved (under ``hidream/``): the user folder, which neither ComfyUI's
+    ``/view`` nor ``/userdata`` serves, so only ``/runware/v1/image`` hands them out, within ttl."""
+    return settings_dir() / "images"
+
+
 def key_owner(given: str) -> str:
     """A stable, non-reversible name for an accepted key (per-key limits; never logged as the key)."""
     import hashlib

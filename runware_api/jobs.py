@@ -273,6 +273,7 @@ def _publish(job: Job, one: Task, index: int, images: Any, seconds: float, price
     from ..hidream.runware import delivery
     from ..hidream.runware.output import ImageMetadata, PublishOptions, publish
     from ..hidream.runware.run import _check_safety
+    from . import config
 
     images, _, extra = _check_safety(one, images, "blur")
     options = PublishOptions.from_task(
@@ -291,6 +292,7 @@ def _publish(job: Job, one: Task, index: int, images: Any, seconds: float, price
         extra=extra,
         image_uuids=[job.image_uuids[index]],
         task_type=one.task_type,
+        root=config.images_root(),
     )
     saved, response = published.saved[0], dict(published.responses[0])
     if one.output_type == "URL":

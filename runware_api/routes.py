@@ -200,10 +200,10 @@ async def _websocket(request: web.Request, queue: ComfyQueue) -> web.WebSocketRe
 
 async def _image(request: web.Request) -> web.StreamResponse:
     """An ``outputType: URL`` image, refused once its ttl has passed (and then deleted)."""
-    from ..hidream.runware.output import PACK_SUBFOLDER, TTL_SUFFIX, cleanup_expired, output_root
+    from ..hidream.runware.output import PACK_SUBFOLDER, TTL_SUFFIX, cleanup_expired
 
     name = request.match_info["filename"]
-    folder = output_root() / PACK_SUBFOLDER
+    folder = config.images_root() / PACK_SUBFOLDER
     match = _IMAGE_RE.match(name)
     gone = wire.error("imageNotFound", f"image: {name!r} does not exist or its ttl has expired")
     if not config.api_enabled() or match is None:

@@ -136,10 +136,10 @@ def _cleanup_files() -> None:
     if now - _last_cleanup < _CLEANUP_EVERY_S:
         return
     _last_cleanup = now
-    from ..hidream.runware.output import PACK_SUBFOLDER, cleanup_expired, output_root
+    from ..hidream.runware.output import PACK_SUBFOLDER, cleanup_expired
 
     try:
-        cleanup_expired(output_root() / PACK_SUBFOLDER)
+        cleanup_expired(config.images_root() / PACK_SUBFOLDER)
     except OSError as exc:
         log.warning("Runware API: ttl cleanup failed: %s", exc)
 

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ class ComfyServer:
     @property
     def api_url(self) -> str:
         return self.url + "/runware/v1"
+
+    @property
+    def images_dir(self) -> Path:
+        """Where the API saves its images: the user folder, which ComfyUI's /view does not serve."""
+        return self.base / "user" / "hidream_runware" / "images" / "hidream"
 
     @property
     def output_dir(self) -> Path:
@@ -166,7 +172,7 @@ def test_sync_two_results_distinct_seeds_and_images(api):
     pngs = [decode(i, "PNG") for i in items]
     assert all(p.startswith(MAGIC["PNG"]) for p in pngs) and pngs[0] != pngs[1]
     for item, data in zip(items, pngs, strict=True):
-        saved = api.output_dir / "hidream" / f"HiDream_{item['imageUUID']}.png"
+        saved = api.images_dir / f"HiDream_{item['imageUUID']}.png"
         assert saved.read_bytes() == data  # the URL serves the very file that was saved
     # seed 78 alone gives the second image of the pair, pixel for pixel (metadata differs)
     status, single = post(api, [task(outputType="base64Data", outputFormat="PNG", seed=78)])
@@ -283,6 +289,11 @@ def test_comfyuis_open_routes_cannot_run_or_read_an_api_job(api, comfy):
     assert entry["status"]["status_str"] == "success"
     assert entry["outputs"] == {JOB_NODE: {"runware_images": [1]}}
     assert result["imageUUID"] not in json.dumps(history)
+    name = f"HiDream_{result['imageUUID']}.jpg"
+    assert (api.images_dir / name).is_file() and not (api.output_dir / "hidream" / name).exists()
+    for kind in ("output", "input", "temp"):
+        query = urllib.parse.urlencode({"filename": name, "subfolder": "hidream", "type": kind})
+        assert requests.get(f"{api.url}/view?{query}", timeout=10).status_code == 404
 
 
 def test_a_failed_delivery_keeps_the_images_ttl(api):
@@ -298,7 +309,7 @@ def test_a_failed_delivery_keeps_the_images_ttl(api):
     ):
         time.sleep(0.2)
     assert line in api.log_path.read_text(errors="replace"), "the failed delivery was not logged"
-    sidecar = api.output_dir / "hidream" / f"{name}.ttl.json"
+    sidecar = api.images_dir / f"{name}.ttl.json"
     assert sidecar.is_file() and json.loads(sidecar.read_text())["ttl"] == 120
 
 
@@ -431,7 +442,7 @@ def test_webhook_and_upload_deliver_each_image_and_no_secret_leaks(api, sink):
     history = requests.get(api.url + "/history", timeout=30).text
     assert secret not in history  # the queued prompt holds only the job id
     for item in body["data"]:
-        png = (api.output_dir / "hidream" / f"HiDream_{item['imageUUID']}.png").read_bytes()
+        png = (api.images_dir / f"HiDream_{item['imageUUID']}.png").read_bytes()
         assert secret.encode() not in png  # metadata has the URLs redacted
     if api.log_path is not None:
         assert secret not in api.log_path.read_text(errors="replace")
@@ -442,14 +453,14 @@ def test_url_image_expires_after_ttl(api):
     url = body["data"][0]["imageURL"]
     assert requests.get(url, timeout=30).status_code == 200
     name = url.rsplit("/", 1)[1]
-    sidecar = api.output_dir / "hidream" / (name + ".ttl.json")
+    sidecar = api.images_dir / (name + ".ttl.json")
     info = json.loads(sidecar.read_text())
     assert info["ttl"] == 60
     info["expiresAt"] = time.time() - 1  # as if the 60 s had passed
     sidecar.write_text(json.dumps(info))
     reply = requests.get(url, timeout=30)
     assert reply.status_code == 404 and reply.json()["errors"][0]["code"] == "imageNotFound"
-    assert not (api.output_dir / "hidream" / name).exists()
+    assert not (api.images_dir / name).exists()
 
 
 def test_lora_by_air_id_changes_the_image(api):
