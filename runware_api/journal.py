@@ -69,14 +69,16 @@ def forget(task_uuid: str) -> None:
         log.warning("Runware API: could not remove the journal entry of %s: %s", task_uuid, exc)
 
 
-def announced(task_uuid: str) -> list[str] | None:
-    """The image UUIDs of a journaled task (accepted, not finished), or None."""
+def announced(task_uuid: str, owner: str | None) -> list[str] | None:
+    """The image UUIDs of ``owner``'s journaled task (accepted, not finished), or None."""
     folder = _folder()
     if folder is None or not _UUID_RE.match(task_uuid):
         return None
     try:
         entry = json.loads(_path(folder, task_uuid).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    if entry.get("owner") != owner:
         return None
     return [str(u) for u in entry.get("imageUUIDs") or []]
 

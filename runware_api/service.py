@@ -289,7 +289,7 @@ class Session:
             await emit({"errors": exc.errors})
             return
         job, created = jobs.STORE.add(jobs.new_job(task, raw, self.base_url, self.owner))
-        if not created and not same_task(job.task, task):
+        if not created and (job.owner != self.owner or not same_task(job.task, task)):
             message = f"taskUUID: {task.task_uuid} is already used by a different task; use a new UUID"
             err = wire.error(
                 wire.CODE_CONFLICT,
@@ -339,7 +339,9 @@ class Session:
 
     async def _get_response(self, uid: str | None, emit: Emit) -> None:
         job = jobs.STORE.get(uid)
-        waiting = journal.announced(uid) if job is None and isinstance(uid, str) else None
+        if job is not None and job.owner != self.owner:
+            job = None  # another key's task: as unknown as one that never existed
+        waiting = journal.announced(uid, self.owner) if job is None and isinstance(uid, str) else None
         if waiting is not None:  # accepted before a restart, not taken up again yet
             items = [
                 {"taskType": TASK_TYPE, "taskUUID": uid, "status": "processing", "imageUUID": u}

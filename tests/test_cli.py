@@ -163,3 +163,22 @@ def test_saved_images_never_overwrite_earlier_ones(tmp_path):
         assert np.array_equal(
             np.asarray(png), np.clip(images[0].numpy() * 255 + 0.5, 0, 255).astype(np.uint8)
         )
+
+
+def test_a_private_webhook_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "task.json").write_text(
+        json.dumps({**TASK, "deliveryMethod": "async", "webhookURL": "http://10.0.0.5/hook"})
+    )
+    done = python_dot("run", "task.json", "--models-dir", "models", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: webhookURL: http://10.0.0.5/hook is refused: 10.0.0.5 is a private address (allow it with "
+        "allowTargets / HIDREAM_ALLOW_TARGETS); allowed: public addresses"
+    )
+    assert not (tmp_path / "output").exists()
+    bad = python_dot(
+        "run", "task.json", "--models-dir", "models", "--allow-target", "not a host!", cwd=tmp_path
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: --allow-target/--deny-target (allow): got 'not a host!'")

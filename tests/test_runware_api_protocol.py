@@ -505,3 +505,19 @@ def test_accepted_tasks_are_journaled_until_they_end_and_replayed_after_a_restar
     assert (error["code"], error["taskUUID"]) == ("taskFailed", lost["taskUUID"])
     assert "restarted" in error["message"]
     assert list(folder.glob("*.json")) == []
+
+
+def test_a_task_belongs_to_the_key_that_sent_it(user_dir):
+    """Another key neither reads a task's results (getResponse) nor replays them (same taskUUID)."""
+    queue = FakeQueue()
+    mine = service.Session(queue, "http://h:1", authenticated=True, owner=config.key_owner(KEY))
+    theirs = service.Session(queue, "http://h:1", authenticated=True, owner=config.key_owner("other"))
+    t = task(deliveryMethod="async")
+    talk(mine, [t])
+    queue.submitted[0].add_result({"taskType": "imageInference", "taskUUID": t["taskUUID"], "imageUUID": "x"})
+    queue.submitted[0].finish()
+    poll = [{"taskType": "getResponse", "taskUUID": t["taskUUID"]}]
+    assert talk(mine, poll)[0][0]["data"][0]["status"] == "success"
+    assert _codes(talk(theirs, poll)[0]) == ["taskFailedOrNotFound"]
+    assert _codes(talk(theirs, [t])[0]) == ["conflictTaskUUID"]
+    assert len(queue.submitted) == 1

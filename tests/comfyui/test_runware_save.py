@@ -52,3 +52,22 @@ def test_save_node_with_a_task_uuid_is_served_from_cache(comfy: Client):
     first, second, entry = _run_twice(comfy, graph, node_id)
     assert first == second and len(first) == 1
     assert node_id in _cached_nodes(entry)
+
+
+def test_save_node_refuses_a_private_webhook_through_comfyuis_open_prompt_route(comfy: Client):
+    """``/prompt`` needs no key: the node's own webhook input passes the outbound target policy,
+    so a stranger cannot make this server POST to its LAN or the cloud metadata address."""
+    import harness
+    import pytest
+
+    graph = graphs.shrink(graphs.load(graphs.WORKFLOWS / "api" / "hidream_i1_full_safety_check.json"))
+    node_id = _save_node(graph)
+    graph[node_id]["inputs"]["webhook_url"] = "http://169.254.169.254/latest/meta-data/"
+    with pytest.raises(
+        harness.PromptFailed,
+        match=r"webhookURL: http://169\.254\.169\.254/latest/meta-data/ is refused: .* link-local",
+    ):
+        comfy.run(graph)
+    graph[node_id]["inputs"]["webhook_url"] = "http://[::1]:8188/interrupt"  # this server, by another name
+    with pytest.raises(harness.PromptFailed, match=r"is a loopback address"):
+        comfy.run(graph)
